@@ -59,7 +59,8 @@ def run(cmd: list[str], log: Path) -> float:
     print("$", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         for line in p.stdout:
             f.write(line)
             if line.startswith(("epoch ", "done", "error")):
