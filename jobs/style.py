@@ -46,7 +46,7 @@ class StyleConfig:
     tv_weight: float = 10.0
     size: list[int] = field(default_factory=lambda: [300, 450])  # (H, W) of the final scale
     scales: list[float] = field(default_factory=lambda: [1.0])  # coarse-to-fine, e.g. [0.5, 1.0]
-    steps: int = 500  # optimisation steps per scale (L-BFGS: function evaluations)
+    steps: int = 500  # per scale: Adam steps, or L-BFGS loss evaluations (at most)
     optimizer: str = "adam"  # adam | lbfgs
     lr: float = 0.3  # Adam only
     lr_decay_steps: int = 50  # StepLR step_size (Adam)
@@ -369,36 +369,40 @@ ProgressFn = Callable[[dict], None]
 
 def _optimize(x: torch.Tensor, extractor: VGGFeatures, targets: Targets, cfg: StyleConfig,
               progress: ProgressFn | None, history: list[dict], scale_index: int) -> torch.Tensor:
-    """Optimise image x (1, 3, H, W) in place for `cfg.steps` steps; append one record per step."""
+    """Optimise image x (1, 3, H, W) in place; append one record per loss evaluation.
+
+    Adam: `cfg.steps` steps, one evaluation each, StepLR after each. L-BFGS: at most
+    `cfg.steps` evaluations, strong-Wolfe line search (without it the first steps diverge).
+    """
     x.requires_grad_(True)
     layers = run_layers(cfg)
-    if cfg.optimizer == "adam":
-        opt = torch.optim.Adam([x], lr=cfg.lr)
-        sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_decay_steps, cfg.lr_gamma)
-    else:  # one L-BFGS iteration per call (no line search): exactly one evaluation per step
-        opt = torch.optim.LBFGS([x], lr=cfg.lbfgs_lr, max_iter=1, history_size=cfg.lbfgs_history)
-        sched = None
     t0 = time.perf_counter()
-    for step in range(cfg.steps):
-        losses = {}
 
-        def closure():
-            opt.zero_grad(set_to_none=True)
-            losses.update(weighted_losses(_features(extractor, x, layers, cfg.precision), x, targets, cfg))
-            losses["total"].backward()
-            return losses["total"]
-
-        lr = opt.param_groups[0]["lr"]
-        opt.step(closure)
-        if sched is not None:
-            sched.step()
-        rec = {"scale": scale_index, "size": list(x.shape[-2:]), "step": len(history), "lr": lr,
-               "time_s": time.perf_counter() - t0, **{k: float(v) for k, v in losses.items()}}
+    def evaluate() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        losses = weighted_losses(_features(extractor, x, layers, cfg.precision), x, targets, cfg)
+        losses["total"].backward()
+        rec = {"scale": scale_index, "size": list(x.shape[-2:]), "step": len(history),
+               "lr": opt.param_groups[0]["lr"], "time_s": time.perf_counter() - t0,
+               **{k: v.item() for k, v in losses.items()}}
         history.append(rec)
         if not math.isfinite(rec["total"]):
             raise FloatingPointError(f"loss became {rec['total']} at step {rec['step']}: lower lr or weights")
         if progress is not None:
             progress(rec)
+        return losses["total"]
+
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam([x], lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_decay_steps, cfg.lr_gamma)
+        for _ in range(cfg.steps):
+            evaluate()
+            opt.step()
+            sched.step()
+    elif cfg.steps > 0:
+        opt = torch.optim.LBFGS([x], lr=cfg.lbfgs_lr, max_iter=cfg.steps, max_eval=cfg.steps,
+                                history_size=cfg.lbfgs_history, line_search_fn="strong_wolfe")
+        opt.step(evaluate)
     return x.detach()
 
 
@@ -410,7 +414,8 @@ def stylize(content_img, style_img, cfg: StyleConfig | None = None, extractor: V
     to reuse VGG across calls; it must reach max(layers). With several `cfg.scales` the
     result of each scale, upsampled, seeds the next. `progress(record)` is called after every
     step with {"scale", "size", "step", "lr", "time_s", "content", "style", "tv", "total"}
-    (weighted losses, evaluated before that step's update).
+    (weighted losses, evaluated before that step's update; for L-BFGS one record per
+    evaluation, line-search trials included).
     """
     cfg = (cfg or StyleConfig()).validate()
     content = load_image(content_img, cfg.max_pixels, "content image")
