@@ -76,6 +76,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) 
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
         return
-    kwargs.setdefault("include_dashboard", False)
+    # Ray Train's print patch echoes every worker line twice on a local console
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # the dashboard also serves the state API that Ray Train's placement-group cleaner polls
+    kwargs.setdefault("include_dashboard", True)
     kwargs.setdefault("object_store_memory", 512 * 1024**2)
     ray.init(num_cpus=num_cpus, **kwargs)

@@ -1,0 +1,227 @@
+"""Datasets as uint8 tensors: CIFAR-10, any ImageFolder tree (directory or .zip), and `synthetic`.
+
+Small images are decoded once into `ImageData` (uint8, (N, 3, H, W)) and cached on disk, so an
+epoch is tensor indexing, not JPEG decoding. Sharding and per-epoch shuffling for DDP happen here too,
+on index tensors, so every rank sees a disjoint slice and the same number of batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from jobs.cli import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@dataclass
+class ImageData:
+    """A labelled train/test split held as tensors.
+
+    train_x, test_x: (N, 3, H, W) uint8; train_y, test_y: (N,) int64; classes: names by label.
+    """
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.train_x.shape[-2:])
+
+    def subset(self, train: int | None = None, test: int | None = None) -> "ImageData":
+        """The first `train`/`test` examples (for quick runs); None keeps everything."""
+        return ImageData(self.train_x[:train], self.train_y[:train], self.test_x[:test], self.test_y[:test], self.classes)
+
+
+def load_image_data(source: str, root: str | os.PathLike = "data", image_size: int | None = None) -> ImageData:
+    """Load `source`: "cifar10", "synthetic[:N]", or a directory / .zip in ImageFolder layout.
+
+    ImageFolder trees must hold `train/<class>/*.jpg` and `test/<class>/*.jpg` (one top-level
+    folder inside a zip is allowed). Images are resized to `image_size` (square) when given,
+    otherwise they must all share one size. Decoded tensors are cached under `root/cache/`.
+    """
+    root = Path(root)
+    if source == "cifar10":
+        return _load_cifar10(root)
+    if source == "synthetic" or source.startswith("synthetic:"):
+        n = int(source.split(":", 1)[1]) if ":" in source else 2048
+        return make_synthetic(n_train=n, n_test=max(n // 4, 64), size=image_size or 32)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"dataset not found: {source} (expected cifar10, synthetic, or an ImageFolder directory/.zip)")
+    return _cached(path, root, image_size, lambda: _load_image_folder(path, image_size))
+
+
+def _cached(path: Path, root: Path, image_size: int | None, build) -> ImageData:
+    """Decode once: key the cache on the path, its size/mtime and the target image size."""
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{image_size}".encode()).hexdigest()[:16]
+    cache = root / "cache" / f"{path.name}-{key}.pt"
+    if cache.exists():
+        d = torch.load(cache, weights_only=True)
+        return ImageData(d["train_x"], d["train_y"], d["test_x"], d["test_y"], list(d["classes"]))
+    data = build()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x,
+                    "test_y": data.test_y, "classes": data.classes}, tmp)
+        os.replace(tmp, cache)  # atomic: concurrent workers never read half a file
+    except OSError:
+        pass  # a read-only data root only costs a re-decode next time
+    return data
+
+
+def _load_cifar10(root: Path) -> ImageData:
+    import torchvision
+
+    try:
+        train = torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+        test = torchvision.datasets.CIFAR10(str(root), train=False, download=True)
+    except Exception as e:  # noqa: BLE001 - network errors come in many types
+        raise UserError(
+            f"cannot download CIFAR-10 into {root}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+            f"without internet, pass --data with the ImageFolder .zip/directory instead") from None
+
+    def as_tensor(ds):  # ds.data: (N, 32, 32, 3) uint8 numpy
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+
+    (trx, try_), (tex, tey) = as_tensor(train), as_tensor(test)
+    return ImageData(trx, try_, tex, tey, list(train.classes))
+
+
+def _load_image_folder(path: Path, image_size: int | None) -> ImageData:
+    """Decode every image of an ImageFolder tree (directory or zip) into uint8 tensors."""
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file()]
+        names = [str(p.relative_to(path)).replace(os.sep, "/") for p in files]
+        read = lambda name: (path / name).read_bytes()  # noqa: E731
+        zf = None
+    elif zipfile.is_zipfile(path):
+        zf = zipfile.ZipFile(path)
+        names = [n for n in zf.namelist() if not n.endswith("/")]
+        read = zf.read
+    else:
+        raise UserError(f"{path} is neither a directory nor a .zip archive")
+    try:
+        splits = _split_layout(names, path)
+        classes = sorted(set(splits["train"]) | set(splits["test"]))
+        out = []
+        for split in ("train", "test"):
+            xs, ys = [], []
+            for label, cls in enumerate(classes):
+                for name in splits[split].get(cls, []):
+                    xs.append(_decode(read(name), name, image_size))
+                    ys.append(label)
+            sizes = {x.shape for x in xs}
+            if len(sizes) > 1:
+                raise UserError(f"{path}: images have different sizes {sorted(sizes)[:3]}...; pass --image-size to resize them")
+            out += [torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), torch.tensor(ys)]
+    finally:
+        if zf is not None:
+            zf.close()
+    return ImageData(*out, classes)
+
+
+def _split_layout(names: list[str], path: Path) -> dict[str, dict[str, list[str]]]:
+    """Group image paths into {"train"|"test": {class: [paths]}}; accepts one wrapping folder."""
+    splits: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
+    for name in sorted(names):
+        if not name.lower().endswith(IMAGE_EXTENSIONS) or "/__MACOSX/" in f"/{name}":
+            continue
+        parts = name.split("/")
+        for i in range(len(parts) - 2):
+            if parts[i] in splits and i + 3 == len(parts):
+                splits[parts[i]].setdefault(parts[i + 1], []).append(name)
+                break
+    for split, by_class in splits.items():
+        if not by_class:
+            raise UserError(f"{path}: no images under {split}/<class>/ (expected ImageFolder layout train/<class>/*.jpg, test/<class>/*.jpg)")
+    return splits
+
+
+def _decode(raw: bytes, name: str, image_size: int | None) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            im = im.convert("RGB")
+            if image_size:
+                im = im.resize((image_size, image_size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        raise UserError(f"cannot decode image {name}: {e}") from None
+
+
+def make_synthetic(n_train: int = 2048, n_test: int = 512, size: int = 32, num_classes: int = 4, seed: int = 0) -> ImageData:
+    """A learnable dataset: one small shape per image at a random position on a noisy background.
+
+    Class = shape (0 square, 1 horizontal bar, 2 vertical bar, 3 cross), drawn in a random colour
+    at a random place, so a model must learn translation-invariant shape features; a vertical
+    flip keeps every label, which makes flips a label-preserving augmentation here as on CIFAR.
+    """
+    if not 2 <= num_classes <= 4:
+        raise ValueError("synthetic data has 2 to 4 classes")
+    g = torch.Generator().manual_seed(seed)
+    n = n_train + n_test
+    x = torch.randint(0, 96, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    s = max(size // 4, 3)  # shape extent
+    t = max(s // 3, 1)  # bar thickness
+    for i in range(n):
+        r, c = torch.randint(0, size - s + 1, (2,), generator=g).tolist()
+        colour = torch.randint(128, 256, (3, 1, 1), generator=g, dtype=torch.int64).to(torch.uint8)
+        m = s // 2 - t // 2
+        patch = x[i, :, r:r + s, c:c + s]
+        k = int(y[i])
+        if k == 0:
+            patch[:] = colour
+        elif k == 1:
+            patch[:, m:m + t, :] = colour
+        elif k == 2:
+            patch[:, :, m:m + t] = colour
+        else:
+            patch[:, m:m + t, :] = colour
+            patch[:, :, m:m + t] = colour
+    names = ["square", "hbar", "vbar", "cross"][:num_classes]
+    return ImageData(x[:n_train], y[:n_train], x[n_train:], y[n_train:], names)
+
+
+def shard_indices(n: int, rank: int, world: int, epoch: int, seed: int, shuffle: bool = True) -> torch.Tensor:
+    """This rank's example indices for one epoch: a permutation shared by all ranks, strided by rank.
+
+    Every rank gets exactly n // world indices (the remainder is dropped, as DistributedSampler
+    with drop_last does), so all ranks run the same number of DDP steps and never deadlock.
+    """
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    else:
+        order = torch.arange(n)
+    per_rank = n // world
+    return order[rank:per_rank * world:world]
+
+
+def iterate_batches(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, batch_size: int,
+                    device: torch.device, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (images uint8 (B, 3, H, W), labels (B,)) on `device`, indexing a resident tensor."""
+    stop = len(indices) - (len(indices) % batch_size if drop_last else 0)
+    for i in range(0, stop, batch_size):
+        idx = indices[i:i + batch_size]
+        yield x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    return n // batch_size if drop_last else math.ceil(n / batch_size)

@@ -1,0 +1,323 @@
+"""The training engine: one loop for every job, run by Ray Train's TorchTrainer (DDP).
+
+A job module (e.g. `jobs.augment`) provides a config dataclass `Config` and
+`build_setup(cfg, device, rank, world) -> TrainSetup`; this module owns the rest: the epoch loop,
+metrics reduced across ranks, checkpoints every epoch, resume, and the outputs of a run
+(`result.json`, `curves.png`) under `<storage_path>/<name>/`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from jobs.cli import UserError
+
+CHECKPOINT_FILE = "checkpoint.pt"
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class TrainSetup:
+    """Everything the loop needs from a job, built on the worker.
+
+    train_batches(epoch) yields this rank's shard for that epoch (reshuffled per epoch), as raw
+    (images, labels) on the device; `prepare(images, train, generator)` turns raw images into the
+    model's float input (decode/normalise, plus augmentation when train=True). `test_batches()`
+    yields this rank's shard of the test set. `num_train` counts the examples of one epoch over
+    all ranks. `meta` is stored in every checkpoint (class names, preprocessing preset, ...).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_batches: Callable[[int], Batches]
+    test_batches: Callable[[], Batches]
+    prepare: Callable[[torch.Tensor, bool, torch.Generator], torch.Tensor]
+    num_train: int
+    steps_per_epoch: int
+    loss_fn: nn.Module = field(default_factory=nn.CrossEntropyLoss)
+    lr_at: Callable[[int], float] | None = None  # step -> lr multiplier, applied to every group's base lr
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train_one_epoch(model, optimizer, loss_fn, batches: Batches, prepare, generator, device,
+                    step0: int = 0, lr_at=None, scaler=None, amp_dtype=None, log=None) -> dict[str, float]:
+    """One pass over this rank's shard. Returns sums (loss, correct, count) for cross-rank reduction."""
+    model.train()
+    base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    count, step = 0, step0
+    for i, (images, labels) in enumerate(batches):
+        if lr_at is not None:
+            for g, lr in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = lr * lr_at(step)
+        x = prepare(images, True, generator)
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+            logits = model(x)
+            loss = loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        # accumulate on the device: no host sync per step
+        loss_sum += loss.detach().float() * labels.numel()
+        correct += (logits.argmax(1) == labels).sum()
+        count += labels.numel()
+        step += 1
+        if log is not None:
+            log(i + 1, loss_sum, count)
+    return {"loss_sum": loss_sum, "correct": correct, "count": count, "steps": step - step0}
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, batches: Batches, prepare, device, amp_dtype=None) -> dict[str, Any]:
+    """Loss and accuracy sums over this rank's test shard (the unwrapped model: no DDP collectives)."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    count = 0
+    for images, labels in batches:
+        x = prepare(images, False, None)
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+            logits = model(x)
+        loss_sum += loss_fn(logits.float(), labels) * labels.numel()
+        correct += (logits.argmax(1) == labels).sum()
+        count += labels.numel()
+    return {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+
+def all_reduce_sums(values: dict[str, Any], device) -> dict[str, float]:
+    """Sum each value over all ranks (a no-op without a process group). Returns Python floats."""
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+# ----------------------------------------------------------------------------- on each Ray Train worker
+
+def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray Train's per-worker function. payload = {"job": module name, "config": asdict(cfg)}."""
+    import ray.train
+    import ray.train.torch
+
+    job = importlib.import_module(payload["job"])
+    cfg = job.Config(**payload["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, cfg.cpus_per_worker))
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+
+    setup = job.build_setup(cfg, device, rank, world)
+    on_gpu = device.type == "cuda"
+    model = setup.model.to(device, memory_format=torch.channels_last if on_gpu else torch.preserve_format)
+    # AMP only where it pays: fp16 with loss scaling on CUDA; fp32 on CPU (see README)
+    amp_dtype = torch.float16 if on_gpu else None
+    scaler = torch.amp.GradScaler("cuda") if on_gpu else None
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # resume after a worker failure or a re-run of the same --name
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        setup.optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"] + 1, list(state["history"])
+        if rank == 0:
+            print(f"{cfg.name}: resuming from the checkpoint after epoch {start_epoch} of {cfg.epochs}", flush=True)
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+
+    fail_epoch = _injected_failure(cfg.name)
+    for epoch in range(start_epoch, cfg.epochs):
+        g = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + epoch * 104729 + rank)
+        t0 = time.perf_counter()
+        log = _progress_logger(epoch, cfg.epochs, setup.steps_per_epoch, world, t0) if rank == 0 else None
+        if fail_epoch == epoch and rank == world - 1:
+            log = _fail_after_first_batch(log)
+        train = train_one_epoch(ddp_model, setup.optimizer, setup.loss_fn, setup.train_batches(epoch), setup.prepare,
+                                g, device, epoch * setup.steps_per_epoch, setup.lr_at, scaler, amp_dtype, log)
+        train_time = time.perf_counter() - t0
+        train = all_reduce_sums(train, device)
+        test = all_reduce_sums(evaluate(model, setup.loss_fn, setup.test_batches(), setup.prepare, device, amp_dtype), device)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": train["loss_sum"] / max(train["count"], 1),
+            "train_acc": train["correct"] / max(train["count"], 1),
+            "test_loss": test["loss_sum"] / max(test["count"], 1),
+            "test_acc": test["correct"] / max(test["count"], 1),
+            "examples_per_sec": train["count"] / train_time,
+            "epoch_time_s": time.perf_counter() - t0,
+            "lr": setup.optimizer.param_groups[0]["lr"],
+        }
+        history.append(metrics)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.3f}  train acc "
+                  f"{metrics['train_acc']:.3f}  test acc {metrics['test_acc']:.3f}  "
+                  f"{metrics['examples_per_sec']:.0f} examples/s", flush=True)
+        _report(metrics, model, setup, cfg, epoch, history, rank)
+    return history
+
+
+def _report(metrics, model, setup, cfg, epoch, history, rank) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint: weights, optimizer, epoch, config."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "optimizer": setup.optimizer.state_dict(), "epoch": epoch,
+                        "config": dataclasses.asdict(cfg), "history": history, "meta": setup.meta},
+                       Path(tmp) / CHECKPOINT_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _progress_logger(epoch, epochs, steps, world, t0):
+    """Print a progress line about every 10% of an epoch when an epoch has many steps."""
+    every = max(1, steps // 10)
+    if steps < 20:
+        return None
+
+    def log(i, loss_sum, count):
+        if i % every == 0 and i < steps:
+            rate = count * world / (time.perf_counter() - t0)
+            print(f"  epoch {epoch + 1}/{epochs} [{i}/{steps}] loss {float(loss_sum) / count:.3f}  {rate:.0f} examples/s", flush=True)
+
+    return log
+
+
+def _injected_failure(name: str) -> int | None:
+    """Fault injection for tests: RAYCV_FAIL_ONCE="<run name>:<epoch>:<marker file>" kills the last
+    rank once, after its first batch of that epoch (the marker file records that it happened)."""
+    spec = os.environ.get("RAYCV_FAIL_ONCE", "")
+    parts = spec.split(":", 2)
+    if len(parts) == 3 and parts[0] == name and not os.path.exists(parts[2]):
+        return int(parts[1])
+    return None
+
+
+def _fail_after_first_batch(log):
+    marker = os.environ["RAYCV_FAIL_ONCE"].split(":", 2)[2]
+
+    def die(i, loss_sum, count):
+        Path(marker).touch()
+        print("injected failure: this worker exits now", flush=True)
+        os._exit(1)
+
+    return die
+
+
+# ----------------------------------------------------------------------------- on the driver
+
+def run_dir(cfg) -> Path:
+    return Path(cfg.storage_path).expanduser().resolve() / cfg.name
+
+
+def check_storage(cfg) -> Path:
+    """Create the run directory or fail with one line (unwritable storage path)."""
+    path = run_dir(cfg)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"storage path {cfg.storage_path} is not writable: {e.strerror or e}") from None
+    return path
+
+
+def check_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> None:
+    """Fail now, not after an endless wait, when the cluster cannot place the workers."""
+    import ray
+
+    if num_workers < 1:
+        raise UserError("--num-workers must be at least 1")
+    have = ray.cluster_resources()
+    need_cpu = num_workers * cpus_per_worker
+    if have.get("CPU", 0) < need_cpu:
+        raise UserError(f"{num_workers} workers x {cpus_per_worker} CPU need {need_cpu} CPUs but the Ray cluster has "
+                        f"{have.get('CPU', 0):g}; lower --num-workers or add nodes")
+    if use_gpu and have.get("GPU", 0) < num_workers:
+        raise UserError(f"{num_workers} GPU workers need {num_workers} GPUs but the Ray cluster has {have.get('GPU', 0):g}; "
+                        f"lower --num-workers or drop --use-gpu")
+
+
+def fit(job: str, cfg, max_failures: int = 3) -> dict[str, Any]:
+    """Run job module `job` with config `cfg` on Ray Train; write and return `result.json`'s content.
+
+    Re-running with the same storage_path and name resumes from the latest checkpoint.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    out = check_storage(cfg)
+    check_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"job": job, "config": dataclasses.asdict(cfg)},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=str(out.parent),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    history = state["history"]
+    summary = {**history[-1], "epochs": len(history), "config": dataclasses.asdict(cfg), "history": history,
+               "checkpoint": result.checkpoint.path, "meta": state["meta"]}
+    write_outputs(out, summary)
+    return summary
+
+
+def write_outputs(out: Path, summary: dict[str, Any]) -> None:
+    """result.json (final metrics, config, per-epoch history) and curves.png."""
+    (out / "result.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    plot_curves(summary["history"], out / "curves.png")
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Train loss and train/test accuracy per epoch, as the reference plots them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    ax.plot(epochs, [h["train_acc"] for h in history], "--", label="train acc")
+    ax.plot(epochs, [h["test_acc"] for h in history], "-.", label="test acc")
+    ax.set_xlabel("epoch")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

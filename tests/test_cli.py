@@ -1,0 +1,46 @@
+"""Entrypoints: --help documents every flag; user mistakes give one line and exit 2."""
+import subprocess
+import sys
+
+import pytest
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def run(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "RAY_AUTH_MODE": "disabled"})
+
+
+def test_augment_help_lists_every_flag():
+    r = run("jobs.augment", "--help")
+    assert r.returncode == 0
+    for flag in ("--data", "--aug", "--epochs", "--batch-size", "--lr", "--num-workers", "--use-gpu",
+                 "--storage-path", "--name", "--seed"):
+        assert flag in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--aug", "flip,blur"], "unknown augmentation"),
+    (["--data", "/no/such/dir"], "dataset not found"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--data", "synthetic:64", "--storage-path", "/proc/forbidden"], "not writable"),
+    (["--data", "synthetic:64", "--num-workers", "64"], "need 64 CPUs"),
+])
+def test_augment_bad_input_is_one_line(args, message, tmp_path):
+    r = run("jobs.augment", "--storage-path", str(tmp_path), "--data-root", str(tmp_path), *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_preview_writes_grid(tmp_path):
+    from PIL import Image
+    img = tmp_path / "img.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(img)
+    out = tmp_path / "grid.png"
+    r = run("jobs.preview", "--image", str(img), "--aug", "flip,color,crop", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size[0] > Image.open(out).size[1]  # 2 rows x 4 columns
+    r = run("jobs.preview", "--image", str(tmp_path / "missing.png"), "--out", str(out))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
