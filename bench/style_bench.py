@@ -186,7 +186,7 @@ def phase_ref500(args, content, style, features) -> dict:
 
 VARIANTS = {
     "fp32 channels_last (default)": dict(channels_last=True, precision="fp32"),
-    "fp32 NCHW": dict(channels_last=False, precision="fp32"),
+    "fp32 NCHW": dict(channels_last=False, precision="fp32"),  # left out with --quick
     "bf16 autocast, channels_last": dict(channels_last=True, precision="bf16"),
 }
 
@@ -199,6 +199,8 @@ def phase_steps(args, content, style, features) -> dict:
         runs["reference"].append(r)
         print(f"reference: {per_step(r['records']):.3f} s/step", flush=True)
         for name, kw in VARIANTS.items():
+            if args.quick and name == "fp32 NCHW":
+                continue
             cfg = S.StyleConfig(size=list(args.size), steps=args.steps, weights="random", **kw)
             o = run_ours(cfg, content, style, features)
             runs.setdefault(name, []).append(o)
@@ -290,6 +292,7 @@ def main() -> None:
     p.add_argument("--lbfgs-budget", type=float, default=0.25,
                    help="run each L-BFGS curve for this fraction of 500 reference steps' time")
     p.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported")
+    p.add_argument("--quick", action="store_true", help="steps phase: skip the fp32 NCHW variant")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both sides")
     p.add_argument("--seed", type=int, default=0, help="seed of the random VGG weights")
     p.add_argument("--out", default="bench/results/style_bench.json", help="results JSON (merged)")
