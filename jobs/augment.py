@@ -16,6 +16,7 @@ from jobs.augmentations import AugmentSpec, compose, parse_aug_names
 from jobs.cli import UserError, config_from_args, init_ray, run_cli
 from jobs.data import iterate_batches, load_image_data, num_batches, shard_indices
 from jobs.models import MODELS, build_model
+from jobs.presets import Preset
 
 
 @dataclass
@@ -77,7 +78,7 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> eng
         train_batches=train_batches, test_batches=test_batches, prepare=prepare,
         num_train=n_train, steps_per_epoch=num_batches(n_train // world, per_rank_batch),
         meta={"classes": data.classes, "arch": cfg.arch, "image_size": list(data.image_size),
-              "preset": {"resize": data.image_size[0], "crop": data.image_size[0], "mean": None, "std": None}},
+              "preset": Preset.plain(data.image_size[0]).to_dict()},
     )
 
 
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     summary = engine.fit("jobs.augment", cfg)
     out = engine.run_dir(cfg)
     print(f"done: test acc {summary['test_acc']:.3f} after {summary['epochs']} epochs; "
-          f"results in {out}/ (result.json, curves.png, checkpoints)")
+          f"results in {out}/ (result.json, curves.png, model/, checkpoints)")
     return 0
 
 

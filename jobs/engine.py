@@ -293,6 +293,13 @@ def fit(job: str, cfg, max_failures: int = 3) -> dict[str, Any]:
     summary = {**history[-1], "epochs": len(history), "config": dataclasses.asdict(cfg), "history": history,
                "checkpoint": result.checkpoint.path, "meta": state["meta"]}
     write_outputs(out, summary)
+    meta = state["meta"]
+    if "arch" in meta and "preset" in meta:  # classification jobs: a servable artifact in <run>/model/
+        from jobs.artifact import save_artifact
+        from jobs.presets import Preset
+
+        metrics = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
+        save_artifact(out / "model", state["model"], meta["arch"], meta["classes"], Preset.from_dict(meta["preset"]), metrics)
     return summary
 
 

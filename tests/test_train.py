@@ -34,6 +34,20 @@ def test_two_worker_ddp_learns_and_writes_outputs(local_ray, tmp_path):
     assert (out / "curves.png").stat().st_size > 1000
     # 4 balanced classes: chance is 0.25
     assert summary["test_acc"] > 0.6, summary["history"]
+    # the servable artifact predicts as the trained model, through the serving preprocessing
+    import torch
+    from PIL import Image
+    from jobs.artifact import load_artifact
+    from jobs.data import load_image_data
+    model, classes, preset, manifest = load_artifact(out / "model")
+    assert classes == ["square", "hbar", "vbar", "cross"] and manifest["metrics"]["test_acc"] == summary["test_acc"]
+    data = load_image_data("synthetic:1024", tmp_path, image_size=16)
+    pil = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in data.test_x[:64]]
+    served = torch.stack([preset.eval_transform()(im) for im in pil])
+    torch.testing.assert_close(served, data.test_x[:64].float() / 255)
+    with torch.no_grad():
+        acc = (model(served).argmax(1) == data.test_y[:64]).float().mean().item()
+    assert acc > 0.5
     # the metric is over the whole test set (256 images), not one rank's half
     assert summary["history"][-1]["test_acc"] * 256 == pytest.approx(round(summary["test_acc"] * 256))
 
