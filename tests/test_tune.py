@@ -111,3 +111,37 @@ def test_sweep_rejects_bad_input(local_ray, tmp_path):
 def test_pareto_front():
     pts = [(1.0, 5.0), (2.0, 2.0), (5.0, 1.0), (3.0, 3.0), (2.0, 2.0), (6.0, 6.0)]
     assert pareto_front(pts) == [True, True, True, False, True, False]
+
+
+def test_style_weight_sweep_writes_sheet_and_front(local_ray, tmp_path, capsys):
+    from PIL import Image
+
+    from tune import style_weights
+
+    # a striped style and a blocky content image, 32 x 32: enough for VGG's four pools
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "content.png")
+    style = Image.new("RGB", (32, 32), "white")
+    for x in range(0, 32, 4):
+        style.paste((0, 0, 160), (x, 0, x + 2, 32))
+    style.save(tmp_path / "style.png")
+    rc = style_weights.main(["--content", str(tmp_path / "content.png"), "--style", str(tmp_path / "style.png"),
+                             "--weights", "random", "--size", "32", "32", "--steps", "4",
+                             "--style-weight-range", "1e2", "1e4", "--tv-weight-range", "10", "10", "--grid-points", "3",
+                             "--storage-path", str(tmp_path), "--name", "sw"])
+    assert rc == 0
+    out = tmp_path / "sw"
+    rows = read_rows(out / "results.csv")
+    assert sorted(float(r["style_weight"]) for r in rows) == [100.0, 1000.0, 10000.0]
+    assert {float(r["tv_weight"]) for r in rows} == {10.0} and {float(r["content_weight"]) for r in rows} == {1.0}
+    points = [(float(r["content_distance"]), float(r["style_distance"])) for r in rows]
+    front = [r["pareto"] == "True" for r in rows]
+    assert any(front) and front == pareto_front(points)
+    # more style weight, closer in style (unweighted, same layers for every trial)
+    by_weight = sorted(rows, key=lambda r: float(r["style_weight"]))
+    assert float(by_weight[-1]["style_distance"]) < float(by_weight[0]["style_distance"])
+    for r in rows:
+        assert Image.open(out / r["image"]).size == (32, 32)
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.width >= 3 * 180 and sheet.height >= 2 * 180  # 2 inputs + 3 results
+    assert (out / "pareto.png").stat().st_size > 5000
+    assert "Pareto front" in capsys.readouterr().out

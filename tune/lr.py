@@ -67,7 +67,7 @@ def trial_resources(base) -> dict[str, float]:
 # ----------------------------------------------------------------------------- command line
 
 def sweep_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tune.lr", description=__doc__, add_help=False,
+    p = argparse.ArgumentParser(prog="python -m tune.lr", description=__doc__, add_help=False, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-h", "--help", action="store_true", help="this help, then the job's flags")
     p.add_argument("--job", choices=sorted(JOBS), default="augment", help="the training job to sweep (default augment)")
