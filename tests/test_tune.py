@@ -145,3 +145,33 @@ def test_style_weight_sweep_writes_sheet_and_front(local_ray, tmp_path, capsys):
     assert sheet.width >= 3 * 180 and sheet.height >= 2 * 180  # 2 inputs + 3 results
     assert (out / "pareto.png").stat().st_size > 5000
     assert "Pareto front" in capsys.readouterr().out
+
+
+def test_finetune_sweep_samples_lr_head_multiplier_and_weight_decay(local_ray, tmp_path):
+    import torch
+    import torchvision
+    from PIL import Image
+
+    from jobs import finetune
+    from jobs.data import make_synthetic
+
+    d = make_synthetic(n_train=32, n_test=16, size=16, num_classes=2)
+    for split, xs, ys in (("train", d.train_x, d.train_y), ("test", d.test_x, d.test_y)):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            (tmp_path / "folder" / split / d.classes[y]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x.permute(1, 2, 0).numpy()).save(tmp_path / "folder" / split / d.classes[y] / f"{i}.png")
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pt")  # stands in for ImageNet
+    rc = lr.main(["--job", "finetune", "--data", str(tmp_path / "folder"), "--weights", str(tmp_path / "resnet18.pt"),
+                  "--image-size", "16", "--epochs", "1", "--batch-size", "16", "--num-workers", "1",
+                  "--data-root", str(tmp_path / "cache"), "--num-samples", "2", "--wd-range", "1e-4", "1e-3",
+                  "--storage-path", str(tmp_path), "--name", "ft"])
+    assert rc == 0
+    rows = read_rows(tmp_path / "ft" / "results.csv")
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
+    for r in rows:
+        assert 1e-5 <= float(r["lr"]) <= 1e-1 and 1 <= float(r["head_lr_mult"]) <= 100
+        assert 1e-4 <= float(r["weight_decay"]) <= 1e-3
+    args = finetune.parse_args(["--config", str(tmp_path / "ft" / "best.json")])
+    cfg = config_from_args(finetune.Config, args, args.config)
+    assert cfg.weight_decay == pytest.approx(float(rows[0]["weight_decay"])) and cfg.mode == "finetune"
+    assert cfg.weights == str(tmp_path / "resnet18.pt")  # made absolute: trials run in their own directories

@@ -172,8 +172,10 @@ def build_tuner(args, base, path: str, restore: bool, space: dict[str, Any] | No
 
 def prepare_base(base, job) -> Any:
     """Absolute local paths (trials run in their own directories); validated on the driver."""
-    if os.path.exists(base.data):
-        base.data = absolute_if_local(base.data)
+    for field in ("data", "weights"):  # dataset / weights given as paths (not names like cifar10, imagenet)
+        value = getattr(base, field, None)
+        if isinstance(value, str) and os.path.exists(value):
+            setattr(base, field, absolute_if_local(value))
     base.data_root = absolute_if_local(base.data_root)
     job.validate(base)
     return base
