@@ -26,6 +26,8 @@ from torch import nn
 from jobs.cli import UserError
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Ray placement-group strategies for the workers (ScalingConfig.placement_strategy)
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -248,20 +250,49 @@ def check_storage(cfg) -> Path:
     return path
 
 
-def check_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> None:
-    """Fail now, not after an endless wait, when the cluster cannot place the workers."""
+def check_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool, wait_s: float | None = None) -> None:
+    """Fail now, not after an endless wait, when the cluster cannot place the workers.
+
+    On an autoscaling cluster (cluster.yaml) the GPU nodes may not exist yet: with wait_s > 0
+    (default: env RAYCV_RESOURCE_WAIT_S, else 0) ask the autoscaler for the workers' resources and
+    wait up to wait_s seconds for them to join before failing.
+    """
     import ray
 
     if num_workers < 1:
         raise UserError("--num-workers must be at least 1")
-    have = ray.cluster_resources()
-    need_cpu = num_workers * cpus_per_worker
-    if have.get("CPU", 0) < need_cpu:
-        raise UserError(f"{num_workers} workers x {cpus_per_worker} CPU need {need_cpu} CPUs but the Ray cluster has "
-                        f"{have.get('CPU', 0):g}; lower --num-workers or add nodes")
-    if use_gpu and have.get("GPU", 0) < num_workers:
-        raise UserError(f"{num_workers} GPU workers need {num_workers} GPUs but the Ray cluster has {have.get('GPU', 0):g}; "
-                        f"lower --num-workers or drop --use-gpu")
+    if wait_s is None:
+        wait_s = float(os.environ.get("RAYCV_RESOURCE_WAIT_S", "0") or 0)
+    need = {"CPU": num_workers * cpus_per_worker, "GPU": num_workers if use_gpu else 0}
+
+    def shortfall() -> str | None:
+        have = ray.cluster_resources()
+        if have.get("CPU", 0) < need["CPU"]:
+            return (f"{num_workers} workers x {cpus_per_worker} CPU need {need['CPU']} CPUs but the Ray cluster has "
+                    f"{have.get('CPU', 0):g}; lower --num-workers or add nodes")
+        if have.get("GPU", 0) < need["GPU"]:
+            return (f"{num_workers} GPU workers need {num_workers} GPUs but the Ray cluster has {have.get('GPU', 0):g}; "
+                    f"lower --num-workers or drop --use-gpu")
+        return None
+
+    missing = shortfall()
+    if missing is None or wait_s <= 0:
+        if missing:
+            raise UserError(missing)
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    bundle = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    print(f"waiting up to {wait_s:g} s for the cluster to grow: {missing.split(';')[0]}", flush=True)
+    request_resources(bundles=[bundle] * num_workers)  # the autoscaler launches nodes for these now
+    deadline = time.monotonic() + wait_s
+    try:
+        while (missing := shortfall()) is not None and time.monotonic() < deadline:
+            time.sleep(2)
+    finally:
+        request_resources(bundles=[])  # the trainer's placement group holds the nodes from here on
+    if missing:
+        raise UserError(f"after waiting {wait_s:g} s: {missing}")
 
 
 def fit(job: str, cfg, max_failures: int = 3) -> dict[str, Any]:
@@ -278,7 +309,9 @@ def fit(job: str, cfg, max_failures: int = 3) -> dict[str, Any]:
         train_worker,
         train_loop_config={"job": job, "config": dataclasses.asdict(cfg)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                               # PACK fills a node before the next; SPREAD one worker per node
+                                               placement_strategy=getattr(cfg, "placement_strategy", "PACK")),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=str(out.parent),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
