@@ -233,13 +233,35 @@ def _fail_after_first_batch(log):
 
 # ----------------------------------------------------------------------------- on the driver
 
-def run_dir(cfg) -> Path:
+def is_uri(path: str) -> bool:
+    """Remote storage (s3://bucket/dir, gs://..., file:///abs/dir) as opposed to a local path."""
+    return "://" in str(path)
+
+
+def run_dir(cfg) -> Path | str:
+    """<storage_path>/<name>: a local Path, or a URI string when storage_path is a URI."""
+    if is_uri(cfg.storage_path):
+        return f"{cfg.storage_path.rstrip('/')}/{cfg.name}"
     return Path(cfg.storage_path).expanduser().resolve() / cfg.name
 
 
-def check_storage(cfg) -> Path:
-    """Create the run directory or fail with one line (unwritable storage path)."""
+def check_storage(cfg) -> Path | str:
+    """Create the run directory or fail with one line (unwritable storage path, unknown URI scheme,
+    missing cloud credentials)."""
     path = run_dir(cfg)
+    if is_uri(path):
+        import pyarrow
+        import pyarrow.fs
+
+        try:
+            fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
+            fs.create_dir(fs_path, recursive=True)
+            with fs.open_output_stream(f"{fs_path}/.write-test-{os.getpid()}") as f:
+                f.write(b"ok")
+            fs.delete_file(f"{fs_path}/.write-test-{os.getpid()}")
+        except (OSError, ValueError, pyarrow.ArrowException) as e:
+            raise UserError(f"storage path {cfg.storage_path} is not writable: {str(e).splitlines()[0]}") from None
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
@@ -313,7 +335,8 @@ def fit(job: str, cfg, max_failures: int = 3) -> dict[str, Any]:
                                                # PACK fills a node before the next; SPREAD one worker per node
                                                placement_strategy=getattr(cfg, "placement_strategy", "PACK")),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=str(out.parent),
+            # a URI goes to Ray Train as is: every worker writes its checkpoints there directly
+            name=cfg.name, storage_path=cfg.storage_path if is_uri(out) else str(out.parent),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
@@ -325,15 +348,27 @@ def fit(job: str, cfg, max_failures: int = 3) -> dict[str, Any]:
     history = state["history"]
     summary = {**history[-1], "epochs": len(history), "config": dataclasses.asdict(cfg), "history": history,
                "checkpoint": result.checkpoint.path, "meta": state["meta"]}
+    if is_uri(out):  # written locally, then uploaded next to the checkpoints
+        import pyarrow.fs
+
+        with tempfile.TemporaryDirectory() as staging:
+            write_run_outputs(Path(staging), summary, state)
+            pyarrow.fs.copy_files(staging, out)
+    else:
+        write_run_outputs(out, summary, state)
+    return summary
+
+
+def write_run_outputs(out: Path, summary: dict[str, Any], state: dict[str, Any]) -> None:
+    """result.json, curves.png and, for classification jobs, the servable artifact in <run>/model/."""
     write_outputs(out, summary)
     meta = state["meta"]
-    if "arch" in meta and "preset" in meta:  # classification jobs: a servable artifact in <run>/model/
+    if "arch" in meta and "preset" in meta:
         from jobs.artifact import save_artifact
         from jobs.presets import Preset
 
-        metrics = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
+        metrics = {k: v for k, v in summary["history"][-1].items() if isinstance(v, (int, float))}
         save_artifact(out / "model", state["model"], meta["arch"], meta["classes"], Preset.from_dict(meta["preset"]), metrics)
-    return summary
 
 
 def write_outputs(out: Path, summary: dict[str, Any]) -> None:

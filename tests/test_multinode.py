@@ -54,14 +54,16 @@ def read_until(proc, text: str, timeout: float) -> str:
 
 
 def test_augment_job_runs_on_two_nodes(cluster, tmp_path):
-    storage = tmp_path / "results"  # a path both nodes see: on one machine any local path does
+    # storage both nodes see, given as a URI: the same code path as s3:// (Ray Train writes the
+    # checkpoints there from whichever node holds rank 0; the driver uploads result.json and model/)
+    storage = tmp_path / "results"
     cmd = [sys.executable, "-m", "jobs.submit", "--address", cluster.dashboard_url,
            # Ray Train's placement-group cleaner finds its cluster by address; without it, it gives up
            # (noisily) when other Ray instances run on this machine
            "--env", f"RAY_ADDRESS={cluster.address}",
            "jobs.augment", "--data", "synthetic:512", "--image-size", "16", "--epochs", "1", "--batch-size", "64",
            "--num-workers", "2", "--placement-strategy", "SPREAD", "--data-root", str(tmp_path / "data"),
-           "--storage-path", str(storage), "--name", "multinode"]
+           "--storage-path", f"file://{storage}", "--name", "multinode"]
     submit = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # the head has 1 CPU, the job needs 2: it asks the autoscaler and waits; a second node joins
@@ -96,6 +98,17 @@ def test_submit_reports_a_failed_job(cluster, tmp_path):
                        cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "dataset not found" in r.stdout and "FAILED" in r.stderr
+
+
+def test_storage_uri_errors_are_one_line(tmp_path):
+    from jobs import engine
+    from jobs.augment import Config
+    from jobs.cli import UserError
+
+    assert engine.check_storage(Config(storage_path=f"file://{tmp_path}", name="r")) == f"file://{tmp_path}/r"
+    assert (tmp_path / "r").is_dir()
+    with pytest.raises(UserError, match="not writable: Unrecognized filesystem type"):
+        engine.check_storage(Config(storage_path="nosuch://bucket/runs"))
 
 
 def test_submit_usage_errors_are_one_line(tmp_path):
