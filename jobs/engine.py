@@ -8,6 +8,7 @@ metrics reduced across ranks, checkpoints every epoch, resume, and the outputs o
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import importlib
 import json
 import math
@@ -119,15 +120,25 @@ def all_reduce_sums(values: dict[str, Any], device) -> dict[str, float]:
 # ----------------------------------------------------------------------------- on each Ray Train worker
 
 def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ray Train's per-worker function. payload = {"job": module name, "config": asdict(cfg)}."""
+    """Ray Train's per-worker function. payload = {"job": module name, "config": asdict(cfg)}.
+
+    With payload["session"] == "tune" it is instead a plain single-process Ray Tune trainable
+    (a one-worker sweep trial): checkpoints and per-epoch reports go to Tune, not Ray Train.
+    """
     import ray.train
     import ray.train.torch
 
     job = importlib.import_module(payload["job"])
     cfg = job.Config(**payload["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    if payload.get("session") == "tune":
+        import ray.tune
+
+        session, rank, world = ray.tune, 0, 1
+        device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+    else:
+        ctx = ray.train.get_context()
+        session, rank, world = ray.train, ctx.get_world_rank(), ctx.get_world_size()
+        device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, cfg.cpus_per_worker))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
 
@@ -140,7 +151,7 @@ def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    ckpt = ray.train.get_checkpoint()
+    ckpt = session.get_checkpoint()
     if ckpt is not None:  # resume after a worker failure or a re-run of the same --name
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
@@ -178,22 +189,21 @@ def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
             print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.3f}  train acc "
                   f"{metrics['train_acc']:.3f}  test acc {metrics['test_acc']:.3f}  "
                   f"{metrics['examples_per_sec']:.0f} examples/s", flush=True)
-        _report(metrics, model, setup, cfg, epoch, history, rank)
+        _report(session, metrics, model, setup, cfg, epoch, history, rank)
     return history
 
 
-def _report(metrics, model, setup, cfg, epoch, history, rank) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the checkpoint: weights, optimizer, epoch, config."""
-    import ray.train
-
+def _report(session, metrics, model, setup, cfg, epoch, history, rank) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint: weights, optimizer, epoch, config.
+    `session` is `ray.train` (or `ray.tune` in a single-process sweep trial)."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
             torch.save({"model": model.state_dict(), "optimizer": setup.optimizer.state_dict(), "epoch": epoch,
                         "config": dataclasses.asdict(cfg), "history": history, "meta": setup.meta},
                        Path(tmp) / CHECKPOINT_FILE)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+            checkpoint = session.Checkpoint.from_directory(tmp)
+        session.report(metrics, checkpoint=checkpoint)
 
 
 def _progress_logger(epoch, epochs, steps, world, t0):
@@ -212,10 +222,11 @@ def _progress_logger(epoch, epochs, steps, world, t0):
 
 def _injected_failure(name: str) -> int | None:
     """Fault injection for tests: RAYCV_FAIL_ONCE="<run name>:<epoch>:<marker file>" kills the last
-    rank once, after its first batch of that epoch (the marker file records that it happened)."""
+    rank once, after its first batch of that epoch (the marker file records that it happened).
+    The run name may be a glob (`*_00001`: a sweep's second trial, whatever the sweep's id)."""
     spec = os.environ.get("RAYCV_FAIL_ONCE", "")
     parts = spec.split(":", 2)
-    if len(parts) == 3 and parts[0] == name and not os.path.exists(parts[2]):
+    if len(parts) == 3 and fnmatch.fnmatchcase(name, parts[0]) and not os.path.exists(parts[2]):
         return int(parts[1])
     return None
 
@@ -317,10 +328,12 @@ def check_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool, wait_
         raise UserError(f"after waiting {wait_s:g} s: {missing}")
 
 
-def fit(job: str, cfg, max_failures: int = 3) -> dict[str, Any]:
+def fit(job: str, cfg, max_failures: int = 3, callbacks: Iterable[Any] = ()) -> dict[str, Any]:
     """Run job module `job` with config `cfg` on Ray Train; write and return `result.json`'s content.
 
     Re-running with the same storage_path and name resumes from the latest checkpoint.
+    `callbacks` go to Ray Train's RunConfig (a Tune sweep passes `TuneReportCallback()` so that
+    every epoch's report reaches its scheduler).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -338,7 +351,8 @@ def fit(job: str, cfg, max_failures: int = 3) -> dict[str, Any]:
             # a URI goes to Ray Train as is: every worker writes its checkpoints there directly
             name=cfg.name, storage_path=cfg.storage_path if is_uri(out) else str(out.parent),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks)),
     )
     result = trainer.fit()
     if result.checkpoint is None:
