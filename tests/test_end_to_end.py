@@ -72,7 +72,7 @@ def test_train_sweep_finetune_serve_classify(local_ray, tmp_path):
     assert (pretrained / "result.json").exists() and (pretrained / "model" / "artifact.json").exists()
 
     # 2. sweep the fine-tuning learning rate on the target data, starting from the trained run
-    folder = image_folder(tmp_path / "target", n_train=192, n_test=64, size=16)
+    folder = image_folder(tmp_path / "target", n_train=128, n_test=32, size=16)
     assert lr.main(["--job", "finetune", "--lr-grid", ",".join(map(str, LR_GRID)), "--num-samples", "1",
                     "--scheduler", "none", "--storage-path", str(runs), "--name", "sweep",
                     "--data", str(folder), "--data-root", cache, "--weights", str(pretrained),
@@ -82,7 +82,7 @@ def test_train_sweep_finetune_serve_classify(local_ray, tmp_path):
     assert (runs / "sweep" / "results.csv").read_text().count("\n") == 1 + len(LR_GRID)
 
     # 3. fine-tune from the trained run with the sweep's best values
-    assert finetune.main(["--config", str(runs / "sweep" / "best.json"), "--epochs", "2",
+    assert finetune.main(["--config", str(runs / "sweep" / "best.json"), "--epochs", "1",
                           "--storage-path", str(runs), "--name", "finetuned"]) == 0
     result = json.loads((runs / "finetuned" / "result.json").read_text())
     assert result["config"]["lr"] == best["config"]["lr"] and result["config"]["weights"] == str(pretrained)
@@ -103,7 +103,7 @@ def test_train_sweep_finetune_serve_classify(local_ray, tmp_path):
         while True:
             assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             try:
-                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
