@@ -81,8 +81,17 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
 
 def connect(address: str):
     """A JobSubmissionClient, or one clear line on why the cluster cannot be reached."""
+    import logging
+
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
+
+    # Ray logs every ignored file of the upload at INFO (and warns that .git is ignored, as intended):
+    # keep the user's terminal for the job's own output
+    for name in ("ray._private.runtime_env.packaging", "ray.dashboard.modules.dashboard_sdk",
+                 "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
 
     if address.startswith("ray://") or address.rstrip("/").endswith(":6379") or address == "auto":
         raise UserError(f"--address {address} is not the job API: use the head's dashboard URL, http://HEAD:8265")
