@@ -67,7 +67,7 @@ def trial_resources(base) -> dict[str, float]:
 # ----------------------------------------------------------------------------- command line
 
 def sweep_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tune.lr", description=__doc__, add_help=False,
+    p = argparse.ArgumentParser(prog="python -m tune.lr", description=__doc__, add_help=False, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-h", "--help", action="store_true", help="this help, then the job's flags")
     p.add_argument("--job", choices=sorted(JOBS), default="augment", help="the training job to sweep (default augment)")
@@ -138,7 +138,7 @@ def search_space(args, job_name: str) -> dict[str, Any]:
     return space
 
 
-def build_tuner(args, base, path: str, restore: bool):
+def build_tuner(args, base, path: str, restore: bool, space: dict[str, Any] | None):
     """A new Tuner over the job (or the restored one: its space and settings come from the sweep)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -160,7 +160,7 @@ def build_tuner(args, base, path: str, restore: bool):
                                   reduction_factor=args.reduction_factor)
     trial_storage = args.trial_storage or str(Path(path) / "trials")
     param_space = {"job": args.job, "base": dataclasses.asdict(base), "trial_storage": trial_storage,
-                   **search_space(args, args.job)}
+                   **space}
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=args.num_samples, scheduler=scheduler,
@@ -172,8 +172,10 @@ def build_tuner(args, base, path: str, restore: bool):
 
 def prepare_base(base, job) -> Any:
     """Absolute local paths (trials run in their own directories); validated on the driver."""
-    if os.path.exists(base.data):
-        base.data = absolute_if_local(base.data)
+    for field in ("data", "weights"):  # dataset / weights given as paths (not names like cifar10, imagenet)
+        value = getattr(base, field, None)
+        if isinstance(value, str) and os.path.exists(value):
+            setattr(base, field, absolute_if_local(value))
     base.data_root = absolute_if_local(base.data_root)
     job.validate(base)
     return base
@@ -270,15 +272,18 @@ def main(argv=None) -> int:
     else:
         if is_uri(args.storage_path) and base.num_workers > 1 and not args.trial_storage:
             raise UserError("multi-worker trials with an s3:// --storage-path need --trial-storage (a path every node shares)")
+        space = search_space(args, args.job)
         base = prepare_base(base, job)
-        print("sweep:", {k: v for k, v in vars(args).items() if k != "help"}, flush=True)
+    init_ray(args.address)
+    tuner = build_tuner(args, base, path, restore, None if restore else space)
+    if not restore:
+        sweep = {k: v for k, v in vars(args).items() if k != "help"}
+        print("sweep:", sweep, flush=True)
         print("base config:", dataclasses.asdict(base), flush=True)
-        (out / "sweep.json").write_text(json.dumps({"job": args.job, "base": dataclasses.asdict(base),
-                                                    "sweep": {k: v for k, v in vars(args).items() if k != "help"}},
+        (out / "sweep.json").write_text(json.dumps({"job": args.job, "base": dataclasses.asdict(base), "sweep": sweep},
                                                    indent=2) + "\n")
         out.publish()
-    init_ray(args.address)
-    results = build_tuner(args, base, path, restore).fit()
+    results = tuner.fit()
     best = summarize(results, args, out)
     where = out.publish()
     unfinished = len(results) - results.num_terminated

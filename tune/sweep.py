@@ -79,9 +79,9 @@ class OutputDir:
         import pyarrow.fs
 
         fs, root = pyarrow.fs.FileSystem.from_uri(self.target)
-        for f in self.local.iterdir():
+        for f in self.local.rglob("*"):
             if f.is_file():
-                pyarrow.fs.copy_files(str(f), f"{root}/{f.name}", destination_filesystem=fs)
+                pyarrow.fs.copy_files(str(f), f"{root}/{f.relative_to(self.local).as_posix()}", destination_filesystem=fs)
         return self.target
 
 
