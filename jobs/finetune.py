@@ -177,8 +177,8 @@ def _guess_arch(state: dict[str, torch.Tensor], file: Path) -> str:
         return "resnet18"
     if stem is not None and tuple(stem.shape) == (64, 3, 3, 3):
         return "cifar_resnet18"
-    raise UserError(f"{file}: not a ResNet-18 state dict (conv1.weight is "
-                    f"{'missing' if stem is None else tuple(stem.shape)}); bad key conv1.weight")
+    raise UserError(f"{file} is not a ResNet-18 state dict: first bad key conv1.weight "
+                    f"({'missing' if stem is None else f'shape {tuple(stem.shape)}'}, expected (64, 3, 7, 7) or (64, 3, 3, 3))")
 
 
 def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
