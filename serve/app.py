@@ -401,15 +401,17 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     if not os.path.isdir(cfg.classifier):
         raise UserError(f"classifier artifact {cfg.classifier} is not a directory")
     gpu = {"num_gpus": cfg.classifier_gpus} if cfg.classifier_gpus else {}
+    knobs = {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
+             "max_pixels": cfg.max_pixels}
     classifier = ClassifierDeployment.options(
         num_replicas=cfg.classifier_replicas,
         max_ongoing_requests=max(cfg.classifier_max_ongoing, cfg.max_batch_size),  # else batches never fill
         max_queued_requests=cfg.classifier_max_queued,
         ray_actor_options={"num_cpus": cfg.classifier_cpus, **gpu},
-        # the artifact and batching live in user_config: changing them reconfigures, no restart
-        user_config={"artifact": os.path.abspath(cfg.classifier), "max_batch_size": cfg.max_batch_size,
-                     "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "max_pixels": cfg.max_pixels},
-    ).bind(threads=max(1, round(cfg.classifier_cpus)), use_gpu=cfg.classifier_gpus > 0)
+        # the artifact and batching live in user_config: a config that changes only them (serve deploy
+        # with a `deployments:` override) reconfigures the running replicas, no restart
+        user_config={"artifact": os.path.abspath(cfg.classifier), **knobs},
+    ).bind(threads=max(1, round(cfg.classifier_cpus)), use_gpu=cfg.classifier_gpus > 0, defaults=knobs)
     style = None
     if cfg.style:
         if cfg.style_max_replicas > cfg.style_replicas:
@@ -422,7 +424,5 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
             **scaling, max_ongoing_requests=1, ray_actor_options={"num_cpus": cfg.style_cpus, **gpu},
         ).bind(weights=cfg.style_weights, device=cfg.style_device, threads=max(1, round(cfg.style_cpus)),
                store=[cfg.job_store_name, cfg.max_style_jobs, cfg.job_lease_s, cfg.job_ttl_s, cfg.job_max_attempts])
-    # the ingress does not use the artifact path or batching knobs: leaving them out of its
-    # arguments means a hot swap changes only the classifier's user_config
-    ingress_cfg = {**dataclasses.asdict(cfg), "classifier": "", "max_batch_size": 1, "batch_wait_timeout_s": 0.0}
-    return Ingress.options(max_ongoing_requests=cfg.ingress_max_ongoing).bind(classifier, style, ingress_cfg)
+    return Ingress.options(max_ongoing_requests=cfg.ingress_max_ongoing, ray_actor_options={"num_cpus": cfg.ingress_cpus},
+                           ).bind(classifier, style, dataclasses.asdict(cfg))

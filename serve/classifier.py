@@ -21,14 +21,20 @@ log = logging.getLogger("ray.serve")
 
 @serve.deployment(max_ongoing_requests=32, health_check_period_s=10)
 class ClassifierDeployment:
-    """Serves one artifact; `user_config` = {"artifact", "max_batch_size", "batch_wait_timeout_s", "max_pixels"}."""
+    """Serves one artifact; `user_config` = {"artifact", "max_batch_size", "batch_wait_timeout_s", "max_pixels"}.
 
-    def __init__(self, threads: int = 1, use_gpu: bool = False):
+    Keys missing from `user_config` take the values in `defaults` (the application's own), so a
+    config override may name just the new artifact.
+    """
+
+    def __init__(self, threads: int = 1, use_gpu: bool = False, defaults: dict | None = None):
         # one replica per CPU share: more torch threads than cores only adds contention
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.defaults = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01, "max_pixels": 40_000_000,
+                         **(defaults or {})}
         self.state = None  # (model, classes, transform, info), swapped as one tuple
-        self.max_pixels = 40_000_000
+        self.max_pixels = self.defaults["max_pixels"]
         self.batching: dict = {}
         self.failures = 0  # consecutive forward failures not caused by the input
 
@@ -38,7 +44,10 @@ class ClassifierDeployment:
         Loading happens before the swap, so requests keep using the old model until the new one
         is ready; a bad artifact raises and Serve keeps the replica on its previous config.
         """
-        path = user_config["artifact"]
+        user_config = {**self.defaults, **user_config}
+        if not user_config.get("artifact"):
+            raise ValueError("user_config needs 'artifact': the model artifact directory")
+        path = os.path.abspath(user_config["artifact"])
         info = dict(self.state[3]) if self.state and self.state[3]["artifact"] == path else None
         if info is None:
             try:
@@ -47,14 +56,14 @@ class ClassifierDeployment:
                 raise ValueError(str(e)) from None
             if self.device.type == "cuda":
                 model = model.to(memory_format=torch.channels_last)
-            info = {"artifact": os.path.abspath(path), "arch": manifest["arch"], "classes": classes,
+            info = {"artifact": path, "arch": manifest["arch"], "classes": classes,
                     "preset": preset.to_dict(), "metrics": manifest.get("metrics", {}),
                     "created": manifest.get("created")}
             self.state = (model, classes, preset.eval_transform(), info)
             log.info("classifier: serving %s (%s, %d classes)", path, manifest["arch"], len(classes))
-        self.max_pixels = int(user_config.get("max_pixels", self.max_pixels))
-        self.batching = {"max_batch_size": int(user_config.get("max_batch_size", 16)),
-                         "batch_wait_timeout_s": float(user_config.get("batch_wait_timeout_s", 0.01))}
+        self.max_pixels = int(user_config["max_pixels"])
+        self.batching = {"max_batch_size": int(user_config["max_batch_size"]),
+                         "batch_wait_timeout_s": float(user_config["batch_wait_timeout_s"])}
         self.predict.set_max_batch_size(self.batching["max_batch_size"])
         self.predict.set_batch_wait_timeout_s(self.batching["batch_wait_timeout_s"])
 

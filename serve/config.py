@@ -48,6 +48,7 @@ class ServeConfig:
     job_ttl_s: float = 3600.0  # finished jobs (and their PNG) are kept this long
     job_store_name: str = "raycv_style_jobs"  # the detached job-store actor
     ingress_max_ongoing: int = 256
+    ingress_cpus: float = 0.0  # it mostly awaits; image checks are short
 
     def validate(self) -> "ServeConfig":
         """Raise `UserError` for values the service cannot run with; return self."""
@@ -60,7 +61,8 @@ class ServeConfig:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.style and self.style_replicas < 1:
             raise UserError(f"style_replicas must be >= 1, got {self.style_replicas}")
-        for name in ("batch_wait_timeout_s", "classifier_cpus", "classifier_gpus", "style_cpus", "style_gpus"):
+        for name in ("batch_wait_timeout_s", "classifier_cpus", "classifier_gpus", "style_cpus", "style_gpus",
+                     "ingress_cpus"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_body_mb", "sync_timeout_s", "job_lease_s", "job_ttl_s"):

@@ -168,8 +168,8 @@ class JobStore:
         job.update(status=status, error=error, error_kind=kind, finished=self.clock())
 
     def _position(self, job_id: str) -> int:
-        queued = sorted((j["created"], i) for i, j in self.jobs.items() if j["status"] == "queued")
-        return [i for _, i in queued].index(job_id)
+        # dicts keep insertion order = submission order (a retried job keeps its original place)
+        return [i for i, j in self.jobs.items() if j["status"] == "queued"].index(job_id)
 
     def _retry_after(self, replicas: int) -> int:
         """Seconds until a slot is likely free: a typical job's run time, shared by the replicas."""
