@@ -67,10 +67,10 @@ def test_augment_job_runs_on_two_nodes(cluster, tmp_path):
     submit = subprocess.Popen(cmd, cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # the head has 1 CPU, the job needs 2: it asks the autoscaler and waits; a second node joins
-        log = read_until(submit, "waiting up to", timeout=90)
+        log = read_until(submit, "waiting up to", timeout=150)
         assert "waiting up to" in log, log
         cluster.add_node(num_cpus=1)
-        rest, _ = submit.communicate(timeout=150)
+        rest, _ = submit.communicate(timeout=300)  # ~1 min on an idle 2-core machine
     finally:
         if submit.poll() is None:
             submit.kill()
@@ -98,6 +98,25 @@ def test_submit_reports_a_failed_job(cluster, tmp_path):
                        cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "dataset not found" in r.stdout and "FAILED" in r.stderr
+
+
+def test_rayignore_keeps_data_results_and_venvs_out_of_the_upload(tmp_path):
+    """The working_dir package a submission uploads, built by Ray's own packager from .rayignore alone."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(ROOT / ".rayignore", project / ".rayignore")
+    files = ["jobs/augment.py", "jobs/data.py", "tests/test_x.py", "README.md", "data/cache/cifar10.pt",
+             "results/run/checkpoint_0/checkpoint.pt", ".venv/lib/torch.py", ".git/HEAD", "jobs/__pycache__/a.pyc"]
+    for name in files:
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text("x")
+    create_package(str(project), tmp_path / "upload.zip", include_gitignore=True)
+    uploaded = set(zipfile.ZipFile(tmp_path / "upload.zip").namelist()) - {".rayignore"}
+    assert uploaded == {"jobs/augment.py", "jobs/data.py", "tests/test_x.py", "README.md"}
 
 
 def test_storage_uri_errors_are_one_line(tmp_path):
