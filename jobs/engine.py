@@ -283,49 +283,61 @@ def check_storage(cfg) -> Path | str:
     return path
 
 
-def check_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool, wait_s: float | None = None) -> None:
-    """Fail now, not after an endless wait, when the cluster cannot place the workers.
+def request_and_wait(bundles: list[dict[str, float]], wait_s: float | None = None) -> None:
+    """On an autoscaling cluster, make room for `bundles` (e.g. one {"CPU": 1, "GPU": 1} per worker).
 
-    On an autoscaling cluster (cluster.yaml) the GPU nodes may not exist yet: with wait_s > 0
-    (default: env RAYCV_RESOURCE_WAIT_S, else 0) ask the autoscaler for the workers' resources and
-    wait up to wait_s seconds for them to join before failing.
+    When the cluster's total resources do not cover the bundles' sum and wait_s > 0 (default: env
+    RAYCV_RESOURCE_WAIT_S, else 0; cluster.yaml sets it on the head, so jobs inherit it), ask the
+    autoscaler for them (`request_resources`: it launches nodes now, before any placement group
+    exists) and poll until they are there or wait_s has passed. Otherwise a no-op: the caller's
+    own check then fails with its message.
     """
+    import ray
+
+    if wait_s is None:
+        wait_s = float(os.environ.get("RAYCV_RESOURCE_WAIT_S", "0") or 0)
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            need[key] = need.get(key, 0) + value
+
+    def missing() -> dict[str, float]:
+        have = ray.cluster_resources()
+        return {k: v for k, v in need.items() if have.get(k, 0) < v}
+
+    if wait_s <= 0 or not missing():
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    print(f"waiting up to {wait_s:g} s for the cluster to grow to {need} (short of {sorted(missing())})", flush=True)
+    request_resources(bundles=[{k: v for k, v in b.items() if v} for b in bundles])
+    deadline = time.monotonic() + wait_s
+    try:
+        while missing() and time.monotonic() < deadline:
+            time.sleep(2)
+    finally:
+        request_resources(bundles=[])  # placement groups hold the nodes from here on
+
+
+def check_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool, wait_s: float | None = None) -> None:
+    """Fail now, not after an endless wait, when the cluster cannot place the workers (after
+    waiting for an autoscaling cluster to add nodes, see `request_and_wait`)."""
     import ray
 
     if num_workers < 1:
         raise UserError("--num-workers must be at least 1")
     if wait_s is None:
         wait_s = float(os.environ.get("RAYCV_RESOURCE_WAIT_S", "0") or 0)
-    need = {"CPU": num_workers * cpus_per_worker, "GPU": num_workers if use_gpu else 0}
-
-    def shortfall() -> str | None:
-        have = ray.cluster_resources()
-        if have.get("CPU", 0) < need["CPU"]:
-            return (f"{num_workers} workers x {cpus_per_worker} CPU need {need['CPU']} CPUs but the Ray cluster has "
-                    f"{have.get('CPU', 0):g}; lower --num-workers or add nodes")
-        if have.get("GPU", 0) < need["GPU"]:
-            return (f"{num_workers} GPU workers need {num_workers} GPUs but the Ray cluster has {have.get('GPU', 0):g}; "
-                    f"lower --num-workers or drop --use-gpu")
-        return None
-
-    missing = shortfall()
-    if missing is None or wait_s <= 0:
-        if missing:
-            raise UserError(missing)
-        return
-    from ray.autoscaler.sdk import request_resources
-
-    bundle = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    print(f"waiting up to {wait_s:g} s for the cluster to grow: {missing.split(';')[0]}", flush=True)
-    request_resources(bundles=[bundle] * num_workers)  # the autoscaler launches nodes for these now
-    deadline = time.monotonic() + wait_s
-    try:
-        while (missing := shortfall()) is not None and time.monotonic() < deadline:
-            time.sleep(2)
-    finally:
-        request_resources(bundles=[])  # the trainer's placement group holds the nodes from here on
-    if missing:
-        raise UserError(f"after waiting {wait_s:g} s: {missing}")
+    request_and_wait([{"CPU": cpus_per_worker, "GPU": 1 if use_gpu else 0}] * num_workers, wait_s)
+    have = ray.cluster_resources()
+    need_cpu = num_workers * cpus_per_worker
+    waited = f"after waiting {wait_s:g} s: " if wait_s > 0 else ""
+    if have.get("CPU", 0) < need_cpu:
+        raise UserError(f"{waited}{num_workers} workers x {cpus_per_worker} CPU need {need_cpu} CPUs but the Ray cluster "
+                        f"has {have.get('CPU', 0):g}; lower --num-workers or add nodes")
+    if use_gpu and have.get("GPU", 0) < num_workers:
+        raise UserError(f"{waited}{num_workers} GPU workers need {num_workers} GPUs but the Ray cluster has "
+                        f"{have.get('GPU', 0):g}; lower --num-workers or drop --use-gpu")
 
 
 def fit(job: str, cfg, max_failures: int = 3, callbacks: Iterable[Any] = ()) -> dict[str, Any]:

@@ -92,12 +92,15 @@ def test_augment_job_runs_on_two_nodes(cluster, tmp_path):
 
 
 def test_submit_reports_a_failed_job(cluster, tmp_path):
-    """A job that fails on the cluster: the client streams its error and exits 1."""
-    r = subprocess.run([sys.executable, "-m", "jobs.submit", "--address", cluster.dashboard_url, "jobs.augment",
-                        "--data", str(tmp_path / "missing"), "--storage-path", str(tmp_path)],
-                       cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=120)
+    """A job that fails on the cluster (here: more workers than the cluster grows to within the
+    job's wait for the autoscaler): the client streams its one-line error and exits 1."""
+    r = subprocess.run([sys.executable, "-m", "jobs.submit", "--address", cluster.dashboard_url,
+                        "--env", "RAYCV_RESOURCE_WAIT_S=3", "jobs.augment", "--data", "synthetic:64",
+                        "--num-workers", "4", "--data-root", str(tmp_path), "--storage-path", str(tmp_path)],
+                       cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "dataset not found" in r.stdout and "FAILED" in r.stderr
+    assert "error: after waiting 3 s: 4 workers x 1 CPU need 4 CPUs" in r.stdout, r.stdout
+    assert "FAILED" in r.stderr and "Traceback" not in r.stdout
 
 
 def test_rayignore_keeps_data_results_and_venvs_out_of_the_upload(tmp_path):
