@@ -163,20 +163,24 @@ def main(argv=None) -> int:
     try:
         try:
             asyncio.run(stream_logs(client, job_id, deadline))
-        except (RuntimeError, OSError) as e:  # the log stream broke: keep polling the status
+        except Exception as e:  # noqa: BLE001 - the log stream (aiohttp websocket) broke: the status still tells
             print(f"(log stream interrupted: {str(e).splitlines()[0]}; waiting for the job's status)", file=sys.stderr)
         status = wait_for_status(client, job_id, deadline)
+        if status not in TERMINAL:
+            client.stop_job(job_id)
+        message = (client.get_job_info(job_id).message or "").strip().splitlines()
     except KeyboardInterrupt:
         print(f"\ninterrupted: job {job_id} keeps running on the cluster; {follow}", file=sys.stderr)
         return 130
+    except (RuntimeError, OSError) as e:  # the cluster went away (requests' errors are OSErrors)
+        raise UserError(f"lost the Ray job API at {address} while following job {job_id} "
+                        f"({str(e).splitlines()[0]}); it may still be running: {follow}") from None
     if status not in TERMINAL:
-        client.stop_job(job_id)
         print(f"job {job_id} did not finish within --timeout {args.timeout:g} s: stopped it", file=sys.stderr)
         return 1
     if status == "SUCCEEDED":
         print(f"job {job_id} SUCCEEDED", flush=True)
         return 0
-    message = (client.get_job_info(job_id).message or "").strip().splitlines()
     print(f"job {job_id} {status}" + (f": {message[-1]}" if message else ""), file=sys.stderr)
     return 1
 
