@@ -98,7 +98,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(local_ray, 
 
 
 def test_sweep_rejects_bad_input(local_ray, tmp_path):
-    with pytest.raises(UserError, match="one trial needs 3 CPUs"):  # 2 workers + the trial driver > 2 CPUs
+    with pytest.raises(UserError, match="one trial needs 3 CPUs"):  # 2 workers + 1 CPU for the trial driver > 2
         lr.main([*TINY[:-1], "2", "--storage-path", str(tmp_path), "--name", "big"])
     with pytest.raises(UserError, match="MIN < MAX"):
         lr.main([*TINY, "--lr-range", "1e-2", "1e-3", "--storage-path", str(tmp_path), "--name", "range"])
@@ -147,7 +147,7 @@ def test_style_weight_sweep_writes_sheet_and_front(local_ray, tmp_path, capsys):
     assert "Pareto front" in capsys.readouterr().out
 
 
-def test_finetune_sweep_samples_lr_head_multiplier_and_weight_decay(local_ray, tmp_path):
+def test_two_worker_finetune_sweep_samples_lr_head_multiplier_and_weight_decay(local_ray, tmp_path):
     import torch
     import torchvision
     from PIL import Image
@@ -162,16 +162,19 @@ def test_finetune_sweep_samples_lr_head_multiplier_and_weight_decay(local_ray, t
             Image.fromarray(x.permute(1, 2, 0).numpy()).save(tmp_path / "folder" / split / d.classes[y] / f"{i}.png")
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pt")  # stands in for ImageNet
     rc = lr.main(["--job", "finetune", "--data", str(tmp_path / "folder"), "--weights", str(tmp_path / "resnet18.pt"),
-                  "--image-size", "16", "--epochs", "1", "--batch-size", "16", "--num-workers", "1",
-                  "--data-root", str(tmp_path / "cache"), "--num-samples", "2", "--wd-range", "1e-4", "1e-3",
+                  "--image-size", "16", "--epochs", "1", "--batch-size", "16", "--data-root", str(tmp_path / "cache"),
+                  # two DDP workers: the trial drives a TorchTrainer (its driver takes no CPU of its own here)
+                  "--num-workers", "2", "--driver-cpus", "0", "--num-samples", "1", "--wd-range", "1e-4", "1e-3",
                   "--storage-path", str(tmp_path), "--name", "ft"])
     assert rc == 0
     rows = read_rows(tmp_path / "ft" / "results.csv")
-    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
+    assert len(rows) == 1 and rows[0]["status"] == "completed" and rows[0]["epochs"] == "1"
     for r in rows:
         assert 1e-5 <= float(r["lr"]) <= 1e-1 and 1 <= float(r["head_lr_mult"]) <= 100
         assert 1e-4 <= float(r["weight_decay"]) <= 1e-3
     args = finetune.parse_args(["--config", str(tmp_path / "ft" / "best.json")])
     cfg = config_from_args(finetune.Config, args, args.config)
-    assert cfg.weight_decay == pytest.approx(float(rows[0]["weight_decay"])) and cfg.mode == "finetune"
+    assert cfg.weight_decay == pytest.approx(float(rows[0]["weight_decay"])) and cfg.num_workers == 2
+    best = json.loads((tmp_path / "ft" / "best.json").read_text())
+    assert best["checkpoint"].startswith(str(tmp_path / "ft" / "trials" / best["trial_id"]))  # the trial's Train run
     assert cfg.weights == str(tmp_path / "resnet18.pt")  # made absolute: trials run in their own directories

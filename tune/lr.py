@@ -22,7 +22,7 @@ from typing import Any
 
 from jobs import engine
 from jobs.cli import UserError, config_from_args, init_ray, run_cli
-from tune.sweep import (DRIVER_CPUS, OutputDir, absolute_if_local, check_restore, format_table, is_uri,
+from tune.sweep import (OutputDir, absolute_if_local, check_restore, format_table, is_uri,
                         read_sweep_file, sweep_path, trial_concurrency, tune_storage, write_csv)
 
 METRIC, MODE = "test_acc", "max"
@@ -56,12 +56,14 @@ def train_trial(config: dict[str, Any]) -> None:
         engine.fit(job_module, cfg, callbacks=[TuneReportCallback()])
 
 
-def trial_resources(base) -> dict[str, float]:
-    """What one trial holds. One worker: the trial process is the worker. More: a driver CPU for the
-    trial function, and the TorchTrainer's workers are placed by Ray Train on top of that."""
+def trial_resources(base, driver_cpus: float) -> dict[str, float]:
+    """What Tune reserves for one trial's process. One worker: the trial process is the worker.
+    More: the trial function only drives a TorchTrainer, whose workers Ray Train places on top."""
     if base.num_workers == 1:
         return {"CPU": base.cpus_per_worker, "GPU": 1 if base.use_gpu else 0}
-    return {"CPU": DRIVER_CPUS, "GPU": 0}
+    if driver_cpus == 0:  # Tune refuses an empty reservation: hold a little (logical) memory instead
+        return {"CPU": 0, "memory": 64 * 1024**2}
+    return {"CPU": driver_cpus, "GPU": 0}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -83,6 +85,9 @@ def sweep_parser() -> argparse.ArgumentParser:
                    help="asha: stop weak trials early on test accuracy; none: run every trial to the end (default asha)")
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs every trial runs before it can be stopped (default 1)")
     p.add_argument("--reduction-factor", type=float, default=3, help="ASHA: keep the top 1/factor at each rung (default 3)")
+    p.add_argument("--driver-cpus", type=float, default=1.0,
+                   help="CPUs reserved for each multi-worker trial's driver on top of its workers; it mostly waits, "
+                        "so 0 lets a small cluster give every CPU to workers (default 1)")
     p.add_argument("--max-concurrent", type=int, help="at most this many trials at once (default: as many as the cluster fits)")
     p.add_argument("--storage-path", default="results", help="where sweeps live: local directory or s3://bucket/prefix (default results)")
     p.add_argument("--name", help="sweep name; the sweep directory is <storage-path>/<name> (default lr-<job>-<data>)")
@@ -143,14 +148,14 @@ def build_tuner(args, base, path: str, restore: bool, space: dict[str, Any] | No
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    per_trial_cpu = base.num_workers * base.cpus_per_worker + (DRIVER_CPUS if base.num_workers > 1 else 0)
+    per_trial_cpu = base.num_workers * base.cpus_per_worker + (args.driver_cpus if base.num_workers > 1 else 0)
     per_trial_gpu = base.num_workers if base.use_gpu else 0
-    trainable = tune.with_resources(train_trial, trial_resources(base))
+    trainable = tune.with_resources(train_trial, trial_resources(base, args.driver_cpus))
     if restore:
         # a trial that errored resumes from its own Train checkpoints (its run is named after its id)
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     concurrency = trial_concurrency(per_trial_cpu, per_trial_gpu, args.max_concurrent)
-    driver = f" + {DRIVER_CPUS} CPU for the trial driver" if base.num_workers > 1 else ""
+    driver = f" + {args.driver_cpus:g} CPU for the trial driver" if base.num_workers > 1 else ""
     print(f"trials: {base.num_workers} worker(s) x {base.cpus_per_worker} CPU{' + 1 GPU' if base.use_gpu else ''}"
           f"{driver} each; up to {concurrency} at once", flush=True)
     scheduler = FIFOScheduler()
@@ -259,6 +264,8 @@ def summarize(results, args, out: OutputDir) -> dict[str, Any] | None:
 
 def main(argv=None) -> int:
     args, job, base = parse_args(argv)
+    if args.driver_cpus < 0:
+        raise UserError("--driver-cpus must not be negative")
     args.name = args.name or f"lr-{args.job}-{base.data.rstrip('/').split('/')[-1].split(':')[0].removesuffix('.zip')}"
     if args.num_samples < 1:
         raise UserError("--num-samples must be at least 1")
@@ -269,6 +276,7 @@ def main(argv=None) -> int:
         saved = json.loads(read_sweep_file(path, "sweep.json"))
         args.job, job = saved["job"], importlib.import_module(f"jobs.{saved['job']}")
         base = job.Config(**saved["base"])
+        args.driver_cpus = saved["sweep"].get("driver_cpus", 1.0)
     else:
         if is_uri(args.storage_path) and base.num_workers > 1 and not args.trial_storage:
             raise UserError("multi-worker trials with an s3:// --storage-path need --trial-storage (a path every node shares)")

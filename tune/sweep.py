@@ -11,9 +11,6 @@ from typing import Any, Sequence
 
 from jobs.cli import UserError
 
-DRIVER_CPUS = 1  # a Tune trial's function runs in an actor of its own, on top of its Train workers
-
-
 def is_uri(path: str) -> bool:
     return "://" in path
 
@@ -44,7 +41,7 @@ def trial_concurrency(cpus_per_trial: float, gpus_per_trial: float, limit: int |
     have = ray.cluster_resources()
     cpu, gpu = have.get("CPU", 0), have.get("GPU", 0)
     if cpu < cpus_per_trial or gpu < gpus_per_trial:
-        raise UserError(f"one trial needs {cpus_per_trial:g} CPUs (1 for the trial driver + its workers) and "
+        raise UserError(f"one trial needs {cpus_per_trial:g} CPUs (its workers + its driver) and "
                         f"{gpus_per_trial:g} GPUs but the Ray cluster has {cpu:g} CPUs and {gpu:g} GPUs; "
                         f"lower --num-workers/--cpus-per-worker or add nodes")
     fits = math.floor(cpu / cpus_per_trial)
