@@ -196,7 +196,13 @@ def trial_rows(results, searched: list[str]) -> list[dict[str, Any]]:
         epochs = config.get("base", {}).get("epochs")
         history = r.metrics_dataframe
         done_epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
-        status = "error" if r.error else ("completed" if done_epochs >= (epochs or 0) else "early-stopped")
+        # Tune marks a trial "done" when it returned or the scheduler stopped it; not when interrupted
+        if r.error:
+            status = "error"
+        elif not (r.metrics or {}).get("done"):
+            status = "unfinished"
+        else:
+            status = "completed" if done_epochs >= (epochs or 0) else "early-stopped"
         row = {"trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name,
                **{k: config.get(k) for k in searched},
                "epochs": done_epochs, "status": status,
@@ -240,8 +246,8 @@ def plot_lr(rows: list[dict[str, Any]], path: Path, best_id: str | None) -> None
     plt.close(fig)
 
 
-def summarize(results, args, out: OutputDir) -> dict[str, Any] | None:
-    """Print the table; write results.csv, best.json and lr.png. Returns best.json's content."""
+def summarize(results, args, out: OutputDir) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Print the table; write results.csv, best.json and lr.png. Returns (best.json's content, rows)."""
     configs = [r.config for r in results if r.config]
     if not configs:
         raise UserError("the sweep has no trials")
@@ -250,7 +256,7 @@ def summarize(results, args, out: OutputDir) -> dict[str, Any] | None:
     columns = ["trial_id", *searched, "epochs", "status", METRIC, f"best_{METRIC}", "train_loss"]
     print(format_table(rows, columns), flush=True)
     write_csv(rows, out / "results.csv")
-    finished = [r for r in rows if r["status"] != "error" and r[METRIC] is not None]
+    finished = [r for r in rows if r["status"] in ("completed", "early-stopped") and r[METRIC] is not None]
     best = None
     if finished:
         best = best_json(finished[0], configs[0], searched, args.name)
@@ -259,7 +265,7 @@ def summarize(results, args, out: OutputDir) -> dict[str, Any] | None:
         best["checkpoint"] = winner.checkpoint.path if winner.checkpoint else (winner.metrics or {}).get("checkpoint_path")
         (out / "best.json").write_text(json.dumps(best, indent=2) + "\n")
     plot_lr(rows, out / "lr.png", best["trial_id"] if best else None)
-    return best
+    return best, rows
 
 
 def main(argv=None) -> int:
@@ -292,9 +298,10 @@ def main(argv=None) -> int:
                                                    indent=2) + "\n")
         out.publish()
     results = tuner.fit()
-    best = summarize(results, args, out)
+    best, rows = summarize(results, args, out)
     where = out.publish()
-    unfinished = len(results) - results.num_terminated
+    # counted from the rows: after Ctrl-C, Tune's in-memory statuses read "terminated" for cut trials
+    unfinished = sum(r["status"] in ("error", "unfinished") for r in rows) + (len(results) - len(rows))
     if unfinished:
         print(f"{unfinished} trial(s) did not finish (errors or an interruption); finish them with: "
               f"python -m tune.lr --storage-path {args.storage_path} --name {args.name} --resume", flush=True)
