@@ -5,8 +5,9 @@
     python -m tune.lr --job augment --name lr-augment-cifar10 --resume   # finish an interrupted sweep
 
 Every flag that is not the sweep's own goes to the job (`python -m jobs.<job> --help`) and applies to
-every trial. Each trial is the job itself: `jobs.engine.fit` on Ray Train, named after the trial id,
-reporting test accuracy per epoch to Tune. The sweep directory `<storage-path>/<name>/` receives
+every trial. Each trial is the job itself, run by `jobs.engine`: with one worker its training loop
+runs inside the trial; with more, `engine.fit` runs a TorchTrainer named after the trial id. Either
+way every epoch's test accuracy reaches Tune, whose ASHA scheduler stops the weak trials. The sweep directory `<storage-path>/<name>/` receives
 results.csv, best.json (`python -m jobs.<job> --config best.json` retrains the winner), lr.png.
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ import argparse
 import dataclasses
 import importlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -171,7 +171,9 @@ def build_tuner(args, base, path: str, restore: bool, space: dict[str, Any] | No
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=args.num_samples, scheduler=scheduler,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=args.name, storage_path=tune_storage(args.storage_path),
-                                  failure_config=tune.FailureConfig(max_failures=args.max_failures)),
+                                  failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                                  # one-worker trials checkpoint through Tune: weights + optimizer, every epoch
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
 
 
