@@ -27,6 +27,8 @@ from torch import nn
 from jobs.cli import UserError
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Ray placement-group strategies for the workers (ScalingConfig.placement_strategy)
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -242,13 +244,35 @@ def _fail_after_first_batch(log):
 
 # ----------------------------------------------------------------------------- on the driver
 
-def run_dir(cfg) -> Path:
+def is_uri(path: str) -> bool:
+    """Remote storage (s3://bucket/dir, gs://..., file:///abs/dir) as opposed to a local path."""
+    return "://" in str(path)
+
+
+def run_dir(cfg) -> Path | str:
+    """<storage_path>/<name>: a local Path, or a URI string when storage_path is a URI."""
+    if is_uri(cfg.storage_path):
+        return f"{cfg.storage_path.rstrip('/')}/{cfg.name}"
     return Path(cfg.storage_path).expanduser().resolve() / cfg.name
 
 
-def check_storage(cfg) -> Path:
-    """Create the run directory or fail with one line (unwritable storage path)."""
+def check_storage(cfg) -> Path | str:
+    """Create the run directory or fail with one line (unwritable storage path, unknown URI scheme,
+    missing cloud credentials)."""
     path = run_dir(cfg)
+    if is_uri(path):
+        import pyarrow
+        import pyarrow.fs
+
+        try:
+            fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
+            fs.create_dir(fs_path, recursive=True)
+            with fs.open_output_stream(f"{fs_path}/.write-test-{os.getpid()}") as f:
+                f.write(b"ok")
+            fs.delete_file(f"{fs_path}/.write-test-{os.getpid()}")
+        except (OSError, ValueError, pyarrow.ArrowException) as e:
+            raise UserError(f"storage path {cfg.storage_path} is not writable: {str(e).splitlines()[0]}") from None
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
@@ -259,20 +283,61 @@ def check_storage(cfg) -> Path:
     return path
 
 
-def check_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> None:
-    """Fail now, not after an endless wait, when the cluster cannot place the workers."""
+def request_and_wait(bundles: list[dict[str, float]], wait_s: float | None = None) -> None:
+    """On an autoscaling cluster, make room for `bundles` (e.g. one {"CPU": 1, "GPU": 1} per worker).
+
+    When the cluster's total resources do not cover the bundles' sum and wait_s > 0 (default: env
+    RAYCV_RESOURCE_WAIT_S, else 0; cluster.yaml sets it on the head, so jobs inherit it), ask the
+    autoscaler for them (`request_resources`: it launches nodes now, before any placement group
+    exists) and poll until they are there or wait_s has passed. Otherwise a no-op: the caller's
+    own check then fails with its message.
+    """
+    import ray
+
+    if wait_s is None:
+        wait_s = float(os.environ.get("RAYCV_RESOURCE_WAIT_S", "0") or 0)
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            need[key] = need.get(key, 0) + value
+
+    def missing() -> dict[str, float]:
+        have = ray.cluster_resources()
+        return {k: v for k, v in need.items() if have.get(k, 0) < v}
+
+    if wait_s <= 0 or not missing():
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    print(f"waiting up to {wait_s:g} s for the cluster to grow to {need} (short of {sorted(missing())})", flush=True)
+    request_resources(bundles=[{k: v for k, v in b.items() if v} for b in bundles])
+    deadline = time.monotonic() + wait_s
+    try:
+        while missing() and time.monotonic() < deadline:
+            time.sleep(2)
+    finally:
+        request_resources(bundles=[])  # placement groups hold the nodes from here on
+
+
+def check_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool, wait_s: float | None = None) -> None:
+    """Fail now, not after an endless wait, when the cluster cannot place the workers (after
+    waiting for an autoscaling cluster to add nodes, see `request_and_wait`)."""
     import ray
 
     if num_workers < 1:
         raise UserError("--num-workers must be at least 1")
+    if wait_s is None:
+        wait_s = float(os.environ.get("RAYCV_RESOURCE_WAIT_S", "0") or 0)
+    request_and_wait([{"CPU": cpus_per_worker, "GPU": 1 if use_gpu else 0}] * num_workers, wait_s)
     have = ray.cluster_resources()
     need_cpu = num_workers * cpus_per_worker
+    waited = f"after waiting {wait_s:g} s: " if wait_s > 0 else ""
     if have.get("CPU", 0) < need_cpu:
-        raise UserError(f"{num_workers} workers x {cpus_per_worker} CPU need {need_cpu} CPUs but the Ray cluster has "
-                        f"{have.get('CPU', 0):g}; lower --num-workers or add nodes")
+        raise UserError(f"{waited}{num_workers} workers x {cpus_per_worker} CPU need {need_cpu} CPUs but the Ray cluster "
+                        f"has {have.get('CPU', 0):g}; lower --num-workers or add nodes")
     if use_gpu and have.get("GPU", 0) < num_workers:
-        raise UserError(f"{num_workers} GPU workers need {num_workers} GPUs but the Ray cluster has {have.get('GPU', 0):g}; "
-                        f"lower --num-workers or drop --use-gpu")
+        raise UserError(f"{waited}{num_workers} GPU workers need {num_workers} GPUs but the Ray cluster has "
+                        f"{have.get('GPU', 0):g}; lower --num-workers or drop --use-gpu")
 
 
 def fit(job: str, cfg, max_failures: int = 3, callbacks: Iterable[Any] = ()) -> dict[str, Any]:
@@ -291,9 +356,12 @@ def fit(job: str, cfg, max_failures: int = 3, callbacks: Iterable[Any] = ()) -> 
         train_worker,
         train_loop_config={"job": job, "config": dataclasses.asdict(cfg)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                               # PACK fills a node before the next; SPREAD one worker per node
+                                               placement_strategy=getattr(cfg, "placement_strategy", "PACK")),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=str(out.parent),
+            # a URI goes to Ray Train as is: every worker writes its checkpoints there directly
+            name=cfg.name, storage_path=cfg.storage_path if is_uri(out) else str(out.parent),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks)),
@@ -306,15 +374,27 @@ def fit(job: str, cfg, max_failures: int = 3, callbacks: Iterable[Any] = ()) -> 
     history = state["history"]
     summary = {**history[-1], "epochs": len(history), "config": dataclasses.asdict(cfg), "history": history,
                "checkpoint": result.checkpoint.path, "meta": state["meta"]}
+    if is_uri(out):  # written locally, then uploaded next to the checkpoints
+        import pyarrow.fs
+
+        with tempfile.TemporaryDirectory() as staging:
+            write_run_outputs(Path(staging), summary, state)
+            pyarrow.fs.copy_files(staging, out)
+    else:
+        write_run_outputs(out, summary, state)
+    return summary
+
+
+def write_run_outputs(out: Path, summary: dict[str, Any], state: dict[str, Any]) -> None:
+    """result.json, curves.png and, for classification jobs, the servable artifact in <run>/model/."""
     write_outputs(out, summary)
     meta = state["meta"]
-    if "arch" in meta and "preset" in meta:  # classification jobs: a servable artifact in <run>/model/
+    if "arch" in meta and "preset" in meta:
         from jobs.artifact import save_artifact
         from jobs.presets import Preset
 
-        metrics = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
+        metrics = {k: v for k, v in summary["history"][-1].items() if isinstance(v, (int, float))}
         save_artifact(out / "model", state["model"], meta["arch"], meta["classes"], Preset.from_dict(meta["preset"]), metrics)
-    return summary
 
 
 def write_outputs(out: Path, summary: dict[str, Any]) -> None:

@@ -177,8 +177,8 @@ def _guess_arch(state: dict[str, torch.Tensor], file: Path) -> str:
         return "resnet18"
     if stem is not None and tuple(stem.shape) == (64, 3, 3, 3):
         return "cifar_resnet18"
-    raise UserError(f"{file}: not a ResNet-18 state dict (conv1.weight is "
-                    f"{'missing' if stem is None else tuple(stem.shape)}); bad key conv1.weight")
+    raise UserError(f"{file} is not a ResNet-18 state dict: first bad key conv1.weight "
+                    f"({'missing' if stem is None else f'shape {tuple(stem.shape)}'}, expected (64, 3, 7, 7) or (64, 3, 3, 3))")
 
 
 def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
@@ -350,12 +350,23 @@ def validate(cfg: Config) -> Source:
     return source
 
 
+def absolute_paths(cfg: Config) -> Config:
+    """Make local paths absolute: Ray Train workers do not run in the driver's working directory."""
+    def resolve(path: str) -> str:
+        p = Path(path).expanduser()
+        return str(p.resolve()) if p.exists() else path
+
+    return dataclasses.replace(cfg, data=resolve(cfg.data), weights=resolve(cfg.weights),
+                               data_root=str(Path(cfg.data_root).expanduser().resolve()))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = config_from_args(Config, args, args.config)
     except TypeError as e:
         raise UserError(f"bad config: {e}") from None
+    cfg = absolute_paths(cfg)
     validate(cfg)
     engine.check_storage(cfg)
     print("config:", dataclasses.asdict(cfg), flush=True)

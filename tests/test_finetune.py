@@ -26,9 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_FILE = Path(urlparse(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).path).name  # resnet18-f37072fd.pth
 
 
-def make_folder(root: Path, n_train: int, n_test: int, size: int, num_classes: int = 2, seed: int = 1) -> Path:
+def make_folder(root: Path, n_train: int, n_test: int, size: int, num_classes: int = 2, seed: int = 1,
+                tint: bool = False) -> Path:
     """A generated ImageFolder tree (train/ and test/) of PNGs, mixed sizes and aspect ratios (odd and even)."""
     d = make_synthetic(n_train=n_train, n_test=n_test, size=size, num_classes=num_classes, seed=seed)
+    if tint:  # a class-dependent colour cast as well: a cue that survives any crop, so a few steps learn it
+        for x, y in ((d.train_x, d.train_y), (d.test_x, d.test_y)):
+            x[torch.arange(len(y)), y % 3] += 64
     for split, xs, ys in (("train", d.train_x, d.train_y), ("test", d.test_x, d.test_y)):
         for i, (x, y) in enumerate(zip(xs, ys)):
             folder = root / split / d.classes[y]
@@ -219,73 +223,87 @@ def test_batched_preset_matches_the_serving_transform(preset, tmp_path):
 
 # ----------------------------------------------------------------------------- command line
 
-def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "jobs.finetune", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})})
-
-
-def test_help_lists_every_flag():
-    r = run_cli("--help")
+def test_help_and_a_bad_input_from_the_shell(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "jobs.finetune", *a], cwd=ROOT, capture_output=True,  # noqa: E731
+                                    text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    r = run("--help")
     assert r.returncode == 0
     for flag in ("--data", "--weights", "--mode", "--freeze-backbone", "--image-size", "--lr", "--head-lr-mult",
                  "--epochs", "--batch-size", "--num-workers", "--use-gpu", "--storage-path", "--name"):
         assert flag in r.stdout
+    r = run("--data", str(tmp_path / "missing"), "--mode", "scratch", "--data-root", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.startswith("error: dataset not found") and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--data", "/no/such/dir", "--mode", "scratch"], "dataset not found"),
-    (["--weights", "/no/such/weights.pt"], "weights not found"),
+    (["--weights", "/no/such/weights.pt"], "error: weights not found: /no/such/weights.pt"),
     (["--weights", "none"], "use --mode scratch"),
     (["--mode", "scratch", "--freeze-backbone"], "--freeze-backbone needs --mode finetune"),
-    (["--weights", "BAD", "--mode", "finetune"], "first bad key conv1.weight"),
+    (["--weights", "BAD"], "first bad key layer1.1.bn2.running_var (shape (3,)"),
+    (["--weights", "STEM"], "first bad key conv1.weight (shape (64, 3, 5, 5)"),
+    (["--mode", "scratch", "--lr", "0"], "--lr must be positive"),
+    (["--mode", "scratch", "--data", "hotdog"], "hotdog.zip has sha1"),  # a junk archive in the data root
 ])
-def test_bad_input_is_one_line(args, message, tmp_path):
-    torch.save({"conv1.weight": torch.zeros(64, 3, 5, 5)}, tmp_path / "bad.pt")
-    args = [str(tmp_path / "bad.pt") if a == "BAD" else a for a in args]
-    r = run_cli("--storage-path", str(tmp_path), "--data-root", str(tmp_path), *args,
-                env={"TORCH_HOME": str(tmp_path / "torch")})
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+def test_bad_input_is_one_line(args, message, tmp_path, capsys):
+    """jobs.cli.run_cli in-process: a user mistake is one line on stderr and exit 2, before Ray starts."""
+    from jobs.cli import run_cli
+
+    bad = torchvision.models.resnet18().state_dict()
+    bad["layer1.1.bn2.running_var"] = torch.ones(3)
+    torch.save(bad, tmp_path / "bad.pt")
+    torch.save({"conv1.weight": torch.zeros(64, 3, 5, 5)}, tmp_path / "stem.pt")
+    (tmp_path / "hotdog.zip").write_bytes(b"junk")  # never downloads 260 MB in a test: checked, rejected
+    folder = make_folder(tmp_path / "data", n_train=4, n_test=2, size=12)
+    args = [{"BAD": str(tmp_path / "bad.pt"), "STEM": str(tmp_path / "stem.pt")}.get(a, a) for a in args]
+    with pytest.raises(SystemExit) as e:
+        run_cli(finetune.main, ["--storage-path", str(tmp_path / "runs"), "--data-root", str(tmp_path),
+                                "--data", str(folder), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 # ----------------------------------------------------------------------------- Ray Train, 2 workers
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(tmp_path_factory):
+    """One Ray instance; its workers inherit a TORCH_HOME pre-seeded with (random) "ImageNet" weights."""
     import ray
 
+    torch_home = tmp_path_factory.mktemp("torch")
+    seed_hub_cache(torch_home)
+    previous = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(torch_home)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2)
-    yield
+    yield torch_home
     ray.shutdown()
+    if previous is None:
+        os.environ.pop("TORCH_HOME", None)
+    else:
+        os.environ["TORCH_HOME"] = previous
 
 
-def test_two_worker_finetune_from_an_augment_run_learns_and_serves(local_ray, tmp_path):
-    from jobs import augment
-
-    # the source: a real jobs.augment run (4 synthetic shapes, 16 px)
-    source_cfg = augment.Config(data="synthetic:512", image_size=16, batch_size=64, lr=2e-3, epochs=1,
-                                storage_path=str(tmp_path), name="source")
-    engine.fit("jobs.augment", source_cfg)
-    # the target: a generated ImageFolder of 2 shapes, non-square images, fine-tuned from that run
-    folder = make_folder(tmp_path / "target", n_train=256, n_test=128, size=16, num_classes=2, seed=5)
-    cfg = Config(data=str(folder), data_root=str(tmp_path / "cache"), weights=str(tmp_path / "source"),
-                 min_crop_scale=0.5, batch_size=32, epochs=3, lr=0.02, storage_path=str(tmp_path), name="target")
+def test_two_worker_finetune_learns_and_serves(local_ray, tmp_path):
+    # a generated ImageFolder of 2 shapes in non-square images; ImageNet weights from the hub cache
+    folder = make_folder(tmp_path / "data", n_train=192, n_test=64, size=40, num_classes=2, seed=5,
+                         tint=True)
+    cfg = Config(data=str(folder), data_root=str(tmp_path / "cache"), image_size=32, batch_size=32, epochs=2,
+                 storage_path=str(tmp_path), name="target")
     finetune.validate(cfg)
     summary = engine.fit("jobs.finetune", cfg)
 
     result = json.loads((tmp_path / "target" / "result.json").read_text())
-    assert result["epochs"] == 3 and result["config"]["weights"] == str(tmp_path / "source")
-    assert result["meta"]["arch"] == "cifar_resnet18" and result["meta"]["image_size"] == [16, 16]
+    assert result["epochs"] == 2 and result["config"]["head_lr_mult"] == 10.0
+    assert result["meta"]["arch"] == "resnet18" and result["meta"]["image_size"] == [32, 32]
     assert (tmp_path / "target" / "curves.png").exists()
-    assert summary["test_acc"] > 0.8, summary["history"]  # 2 balanced classes: chance is 0.5
+    assert summary["test_acc"] > 0.9, summary["history"]  # 2 balanced classes: chance is 0.5
 
-    # the artifact predicts as the trained model: served PIL path vs the training eval path
+    # the artifact predicts as the trained model: Serve's PIL path vs the training eval path
     model, classes, preset, manifest = load_artifact(tmp_path / "target" / "model")
-    assert classes == ["hbar", "square"] and preset == Preset.plain(16)
+    assert classes == ["hbar", "square"] and preset == Preset.imagenet(32)
     assert manifest["metrics"]["test_acc"] == summary["test_acc"]
     state = torch.load(Path(summary["checkpoint"]) / engine.CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    trained = build_model("cifar_resnet18", 2)
+    trained = build_model("resnet18", 2)
     trained.load_state_dict(state["model"])
     trained.eval()
     data = load_image_data(str(folder), tmp_path / "cache", preset.resize, fit="center")
@@ -296,4 +314,3 @@ def test_two_worker_finetune_from_an_augment_run_learns_and_serves(local_ray, tm
         trained_pred = trained(preset.eval_batch(data.test_x)).argmax(1)
     assert torch.equal(served_pred, trained_pred)
     assert (served_pred == data.test_y).float().mean().item() == pytest.approx(summary["test_acc"])
-

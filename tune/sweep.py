@@ -32,6 +32,12 @@ def trial_concurrency(cpus_per_trial: float, gpus_per_trial: float, limit: int |
     floor(available / per trial), capped by `limit`. Fails with one line when not even one fits."""
     import ray
 
+    from jobs.engine import request_and_wait
+
+    # an autoscaling cluster may have no GPU node up yet: ask for room for the trials that should run
+    # at once (a bundle per GPU, so that each fits a node) and wait (RAYCV_RESOURCE_WAIT_S; else a no-op)
+    per_gpu = [{"CPU": cpus_per_trial / gpus_per_trial, "GPU": 1}] * math.ceil(gpus_per_trial) if gpus_per_trial else []
+    request_and_wait((per_gpu or [{"CPU": cpus_per_trial}]) * (limit or 1))
     have = ray.cluster_resources()
     cpu, gpu = have.get("CPU", 0), have.get("GPU", 0)
     if cpu < cpus_per_trial or gpu < gpus_per_trial:
