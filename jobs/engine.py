@@ -7,8 +7,10 @@ metrics reduced across ranks, checkpoints every epoch, resume, and the outputs o
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
+import itertools
 import json
 import math
 import os
@@ -49,20 +51,36 @@ class TrainSetup:
     steps_per_epoch: int
     loss_fn: nn.Module = field(default_factory=nn.CrossEntropyLoss)
     lr_at: Callable[[int], float] | None = None  # step -> lr multiplier, applied to every group's base lr
+    # progress in [0, 1] over the planned steps -> lr multiplier; planned steps = epochs x steps_per_epoch,
+    # or what fits in cfg.time_budget. Use it (not lr_at) for a schedule that must span a time budget.
+    schedule: Callable[[float], float] | None = None
+    # (model, prepared images) -> logits at evaluation, e.g. flip test-time augmentation; None: model(x)
+    predict: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    # weight averaging (e.g. `Lookahead`): .update(model, step, progress) after every optimizer step,
+    # .finish(model) before the final evaluation, .state_dict()/.load_state_dict() in checkpoints
+    averager: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- the loop
 
 def train_one_epoch(model, optimizer, loss_fn, batches: Batches, prepare, generator, device,
-                    step0: int = 0, lr_at=None, scaler=None, amp_dtype=None, log=None) -> dict[str, float]:
-    """One pass over this rank's shard. Returns sums (loss, correct, count) for cross-rank reduction."""
+                    step0: int = 0, lr_at=None, scaler=None, amp_dtype=None, log=None,
+                    stop=None, after_step=None) -> dict[str, float]:
+    """One pass over this rank's shard. Returns sums (loss, correct, count) for cross-rank reduction.
+
+    lr_at(step) scales every group's base lr; stop(step) -> True ends the pass before that step
+    (a planned step count or a spent time budget; it must answer the same on every rank);
+    after_step(step) runs after each optimizer step (weight averaging).
+    """
     model.train()
     base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     count, step = 0, step0
     for i, (images, labels) in enumerate(batches):
+        if stop is not None and stop(step):
+            break
         if lr_at is not None:
             for g, lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = lr * lr_at(step)
@@ -78,6 +96,8 @@ def train_one_epoch(model, optimizer, loss_fn, batches: Batches, prepare, genera
         else:
             loss.backward()
             optimizer.step()
+        if after_step is not None:
+            after_step(step)
         # accumulate on the device: no host sync per step
         loss_sum += loss.detach().float() * labels.numel()
         correct += (logits.argmax(1) == labels).sum()
@@ -89,8 +109,10 @@ def train_one_epoch(model, optimizer, loss_fn, batches: Batches, prepare, genera
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, batches: Batches, prepare, device, amp_dtype=None) -> dict[str, Any]:
-    """Loss and accuracy sums over this rank's test shard (the unwrapped model: no DDP collectives)."""
+def evaluate(model, loss_fn, batches: Batches, prepare, device, amp_dtype=None, predict=None) -> dict[str, Any]:
+    """Loss and accuracy sums over this rank's test shard (the unwrapped model: no DDP collectives).
+
+    predict(model, x) -> logits replaces model(x) (test-time augmentation)."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -98,7 +120,7 @@ def evaluate(model, loss_fn, batches: Batches, prepare, device, amp_dtype=None) 
     for images, labels in batches:
         x = prepare(images, False, None)
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            logits = model(x)
+            logits = predict(model, x) if predict is not None else model(x)
         loss_sum += loss_fn(logits.float(), labels) * labels.numel()
         correct += (logits.argmax(1) == labels).sum()
         count += labels.numel()
@@ -117,7 +139,11 @@ def all_reduce_sums(values: dict[str, Any], device) -> dict[str, float]:
 # ----------------------------------------------------------------------------- on each Ray Train worker
 
 def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ray Train's per-worker function. payload = {"job": module name, "config": asdict(cfg)}."""
+    """Ray Train's per-worker function. payload = {"job": module name, "config": asdict(cfg)}.
+
+    Runs `cfg.epochs` epochs, or, when the config has a `time_budget` (seconds), as many steps as
+    fit in that much training time: see `plan_steps`.
+    """
     import ray.train
     import ray.train.torch
 
@@ -135,60 +161,170 @@ def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
     # AMP only where it pays: fp16 with loss scaling on CUDA; fp32 on CPU (see README)
     amp_dtype = torch.float16 if on_gpu else None
     scaler = torch.amp.GradScaler("cuda") if on_gpu else None
+    budget = getattr(cfg, "time_budget", None) or None
 
     history: list[dict[str, Any]] = []
-    start_epoch = 0
+    start_epoch, plan = 0, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # resume after a worker failure or a re-run of the same --name
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         setup.optimizer.load_state_dict(state["optimizer"])
+        if setup.averager is not None and state.get("averager") is not None:
+            setup.averager.load_state_dict(state["averager"])
         start_epoch, history = state["epoch"] + 1, list(state["history"])
+        # a budgeted run keeps its plan (schedule length, training time spent) across restarts
+        plan = state.get("plan") if budget else None
         if rank == 0:
-            print(f"{cfg.name}: resuming from the checkpoint after epoch {start_epoch} of {cfg.epochs}", flush=True)
+            print(f"{cfg.name}: resuming from the checkpoint after epoch {start_epoch}", flush=True)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
 
+    if plan is None and budget:
+        plan = plan_steps(ddp_model, model, setup, device, scaler, amp_dtype, budget)
+        if rank == 0:
+            print(f"{cfg.name}: {plan['step_time_s'] * 1e3:.0f} ms per step -> {plan['total_steps']} steps "
+                  f"({plan['total_steps'] / setup.steps_per_epoch:.2f} epochs) in the {budget:g} s budget", flush=True)
+    elif plan is None:
+        plan = {"total_steps": cfg.epochs * setup.steps_per_epoch,
+                "train_time_s": history[-1].get("train_time_s", 0.0) if history else 0.0}
+    total_steps = plan["total_steps"]
+    epochs = math.ceil(total_steps / setup.steps_per_epoch)
+    clock = BudgetClock(budget, plan["train_time_s"], plan.get("step_time_s", 1.0), device)
+    lr_at = (lambda step: setup.schedule(step / total_steps)) if setup.schedule is not None else setup.lr_at
+    after_step = None
+    if setup.averager is not None:
+        after_step = lambda step: setup.averager.update(model, step, (step + 1) / total_steps)  # noqa: E731
+
+    eval_every = getattr(cfg, "eval_every", 1)  # 0: evaluate after the last epoch only
     fail_epoch = _injected_failure(cfg.name)
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, epochs if not plan.get("done") else start_epoch):
         g = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + epoch * 104729 + rank)
+        step0 = epoch * setup.steps_per_epoch
         t0 = time.perf_counter()
-        log = _progress_logger(epoch, cfg.epochs, setup.steps_per_epoch, world, t0) if rank == 0 else None
+        log = _progress_logger(epoch, epochs, setup.steps_per_epoch, world, t0) if rank == 0 else None
         if fail_epoch == epoch and rank == world - 1:
             log = _fail_after_first_batch(log)
+        clock.start()
         train = train_one_epoch(ddp_model, setup.optimizer, setup.loss_fn, setup.train_batches(epoch), setup.prepare,
-                                g, device, epoch * setup.steps_per_epoch, setup.lr_at, scaler, amp_dtype, log)
+                                g, device, step0, lr_at, scaler, amp_dtype, log,
+                                stop=lambda step: step >= total_steps or clock.spent(step), after_step=after_step)
+        clock.stop()
         train_time = time.perf_counter() - t0
+        last = epoch == epochs - 1 or clock.expired
+        if last and setup.averager is not None:
+            setup.averager.finish(model)
+        steps_done = step0 + train.pop("steps")
         train = all_reduce_sums(train, device)
-        test = all_reduce_sums(evaluate(model, setup.loss_fn, setup.test_batches(), setup.prepare, device, amp_dtype), device)
+        test = {"loss_sum": None, "correct": None, "count": 1}  # not evaluated this epoch
+        if last or (eval_every and (epoch + 1) % eval_every == 0):
+            test = all_reduce_sums(evaluate(model, setup.loss_fn, setup.test_batches(), setup.prepare, device,
+                                            amp_dtype, setup.predict), device)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": train["loss_sum"] / max(train["count"], 1),
             "train_acc": train["correct"] / max(train["count"], 1),
-            "test_loss": test["loss_sum"] / max(test["count"], 1),
-            "test_acc": test["correct"] / max(test["count"], 1),
+            "test_loss": test["loss_sum"] / max(test["count"], 1) if test["loss_sum"] is not None else None,
+            "test_acc": test["correct"] / max(test["count"], 1) if test["correct"] is not None else None,
             "examples_per_sec": train["count"] / train_time,
             "epoch_time_s": time.perf_counter() - t0,
             "lr": setup.optimizer.param_groups[0]["lr"],
+            "steps": steps_done,
+            "train_time_s": clock.elapsed,
         }
         history.append(metrics)
+        plan = {**plan, "train_time_s": clock.elapsed, "done": last}
         if rank == 0:
-            print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.3f}  train acc "
-                  f"{metrics['train_acc']:.3f}  test acc {metrics['test_acc']:.3f}  "
-                  f"{metrics['examples_per_sec']:.0f} examples/s", flush=True)
-        _report(metrics, model, setup, cfg, epoch, history, rank)
+            test_acc = f"{metrics['test_acc']:.3f}" if metrics["test_acc"] is not None else "-"
+            print(f"epoch {epoch + 1}/{epochs}  train loss {metrics['train_loss']:.3f}  train acc "
+                  f"{metrics['train_acc']:.3f}  test acc {test_acc}  "
+                  f"{metrics['examples_per_sec']:.0f} examples/s  ({clock.elapsed:.0f} s of training)", flush=True)
+        _report(metrics, model, setup, cfg, epoch, history, rank, plan)
+        if last:
+            break
     return history
 
 
-def _report(metrics, model, setup, cfg, epoch, history, rank) -> None:
+class BudgetClock:
+    """Training time spent so far, and a stop decision that every rank takes together.
+
+    Counts only training steps (and the calibration steps), not evaluation or checkpointing.
+    `spent(step)` is polled before each step; about once a second (every `check_every` steps,
+    from the measured step time) the ranks all-reduce their elapsed time (MAX) so that they all
+    stop at the same step: a rank that stopped alone would leave the others waiting in DDP forever.
+    """
+
+    def __init__(self, budget: float | None, elapsed: float, step_time: float, device):
+        self.budget, self.elapsed, self.device = budget, elapsed, device
+        self.check_every = max(1, round(1.0 / max(step_time, 1e-3)))
+        self.expired = False
+        self._t0 = None
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        self.elapsed += time.perf_counter() - self._t0
+        self._t0 = None
+
+    def spent(self, step: int) -> bool:
+        if self.budget is None or step % self.check_every:
+            return False
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # host time must include the queued GPU work
+        now = torch.tensor([self.elapsed + time.perf_counter() - self._t0], dtype=torch.float64, device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(now, op=dist.ReduceOp.MAX)
+        self.expired = float(now) >= self.budget
+        return self.expired
+
+
+def plan_steps(ddp_model, model, setup: TrainSetup, device, scaler, amp_dtype, budget: float,
+               calibration_steps: int = 6) -> dict[str, Any]:
+    """How many steps fit in `budget` seconds: time a few real steps, then undo them.
+
+    The steps run from a snapshot of the weights and optimizer state that is restored afterwards,
+    so the schedule (warm-up, decay) can span exactly the planned steps from step 0. Their time
+    counts against the budget. Step time = mean over steps 2..n (the first pays one-off set-up),
+    the slowest rank's (all-reduce MAX), so every rank plans the same number of steps.
+    Returns {"total_steps", "step_time_s", "train_time_s"}.
+    """
+    t_start = time.perf_counter()
+    snapshot = copy.deepcopy(model.state_dict()), copy.deepcopy(setup.optimizer.state_dict())
+    stamps: list[float] = []
+
+    def stamp(step):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stamps.append(time.perf_counter())
+
+    batches = itertools.chain.from_iterable(setup.train_batches(e) for e in itertools.count())
+    g = torch.Generator(device=device).manual_seed(0)
+    train_one_epoch(ddp_model, setup.optimizer, setup.loss_fn, batches, setup.prepare, g, device,
+                    scaler=scaler, amp_dtype=amp_dtype, stop=lambda step: step >= calibration_steps, after_step=stamp)
+    model.load_state_dict(snapshot[0])
+    setup.optimizer.load_state_dict(snapshot[1])
+    step_time = torch.tensor([(stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(step_time, op=dist.ReduceOp.MAX)
+    step_time = float(step_time)
+    spent = time.perf_counter() - t_start
+    # 2% margin for epoch boundaries and noise; the clock still stops a run that falls behind
+    total = max(1, int((budget - spent) * 0.98 / step_time))
+    return {"total_steps": total, "step_time_s": step_time, "train_time_s": spent}
+
+
+def _report(metrics, model, setup, cfg, epoch, history, rank, plan) -> None:
     """Every rank reports (a barrier); rank 0 attaches the checkpoint: weights, optimizer, epoch, config."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
+            averager = setup.averager.state_dict() if setup.averager is not None else None
             torch.save({"model": model.state_dict(), "optimizer": setup.optimizer.state_dict(), "epoch": epoch,
-                        "config": dataclasses.asdict(cfg), "history": history, "meta": setup.meta},
+                        "config": dataclasses.asdict(cfg), "history": history, "meta": setup.meta,
+                        "plan": plan, "averager": averager},
                        Path(tmp) / CHECKPOINT_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -291,7 +427,7 @@ def fit(job: str, cfg, max_failures: int = 3) -> dict[str, Any]:
         state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     history = state["history"]
     summary = {**history[-1], "epochs": len(history), "config": dataclasses.asdict(cfg), "history": history,
-               "checkpoint": result.checkpoint.path, "meta": state["meta"]}
+               "plan": state.get("plan"), "checkpoint": result.checkpoint.path, "meta": state["meta"]}
     write_outputs(out, summary)
     meta = state["meta"]
     if "arch" in meta and "preset" in meta:  # classification jobs: a servable artifact in <run>/model/
@@ -320,7 +456,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
     ax.plot(epochs, [h["train_acc"] for h in history], "--", label="train acc")
-    ax.plot(epochs, [h["test_acc"] for h in history], "-.", label="test acc")
+    tested = [h for h in history if h.get("test_acc") is not None]  # --eval-every may skip epochs
+    ax.plot([h["epoch"] for h in tested], [h["test_acc"] for h in tested], "-.", marker=".", label="test acc")
     ax.set_xlabel("epoch")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
