@@ -7,7 +7,6 @@ metrics reduced across ranks, checkpoints every epoch, resume, and the outputs o
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
 import itertools
@@ -142,7 +141,7 @@ def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
     """Ray Train's per-worker function. payload = {"job": module name, "config": asdict(cfg)}.
 
     Runs `cfg.epochs` epochs, or, when the config has a `time_budget` (seconds), as many steps as
-    fit in that much training time: see `plan_steps`.
+    fit in that much training time: see `StepPlan`.
     """
     import ray.train
     import ray.train.torch
@@ -180,38 +179,39 @@ def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
             print(f"{cfg.name}: resuming from the checkpoint after epoch {start_epoch}", flush=True)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
 
-    if plan is None and budget:
-        plan = plan_steps(ddp_model, model, setup, device, scaler, amp_dtype, budget)
-        if rank == 0:
-            print(f"{cfg.name}: {plan['step_time_s'] * 1e3:.0f} ms per step -> {plan['total_steps']} steps "
-                  f"({plan['total_steps'] / setup.steps_per_epoch:.2f} epochs) in the {budget:g} s budget", flush=True)
-    elif plan is None:
-        plan = {"total_steps": cfg.epochs * setup.steps_per_epoch,
+    if plan is None:
+        plan = {"total_steps": max(cfg.epochs, 1) * setup.steps_per_epoch, "fixed": not budget,
                 "train_time_s": history[-1].get("train_time_s", 0.0) if history else 0.0}
-    total_steps = plan["total_steps"]
-    epochs = math.ceil(total_steps / setup.steps_per_epoch)
-    clock = BudgetClock(budget, plan["train_time_s"], plan.get("step_time_s", 1.0), device)
-    lr_at = (lambda step: setup.schedule(step / total_steps)) if setup.schedule is not None else setup.lr_at
-    after_step = None
-    if setup.averager is not None:
-        after_step = lambda step: setup.averager.update(model, step, (step + 1) / total_steps)  # noqa: E731
+    steps = StepPlan(budget, plan, device)
+    lr_at = (lambda step: setup.schedule(step / steps.total)) if setup.schedule is not None else setup.lr_at
+
+    def after_step(step):
+        steps.observe(step)
+        if setup.averager is not None:
+            setup.averager.update(model, step, (step + 1) / steps.total)
+        if steps.planned_now and rank == 0:
+            print(f"{cfg.name}: {steps.step_time * 1e3:.0f} ms per step -> {steps.total} steps "
+                  f"({steps.total / setup.steps_per_epoch:.2f} epochs) in the {budget:g} s budget", flush=True)
 
     eval_every = getattr(cfg, "eval_every", 1)  # 0: evaluate after the last epoch only
     fail_epoch = _injected_failure(cfg.name)
-    for epoch in range(start_epoch, epochs if not plan.get("done") else start_epoch):
+    for epoch in itertools.count(start_epoch):
+        epochs = math.ceil(steps.total / setup.steps_per_epoch)  # known once the budget's plan is fixed
+        if epoch >= epochs or plan.get("done"):
+            break
         g = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + epoch * 104729 + rank)
         step0 = epoch * setup.steps_per_epoch
         t0 = time.perf_counter()
         log = _progress_logger(epoch, epochs, setup.steps_per_epoch, world, t0) if rank == 0 else None
         if fail_epoch == epoch and rank == world - 1:
             log = _fail_after_first_batch(log)
-        clock.start()
+        steps.start_clock()
         train = train_one_epoch(ddp_model, setup.optimizer, setup.loss_fn, setup.train_batches(epoch), setup.prepare,
-                                g, device, step0, lr_at, scaler, amp_dtype, log,
-                                stop=lambda step: step >= total_steps or clock.spent(step), after_step=after_step)
-        clock.stop()
+                                g, device, step0, lr_at, scaler, amp_dtype, log, stop=steps.done, after_step=after_step)
+        steps.stop_clock()
         train_time = time.perf_counter() - t0
-        last = epoch == epochs - 1 or clock.expired
+        epochs = math.ceil(steps.total / setup.steps_per_epoch)
+        last = epoch == epochs - 1 or steps.expired
         if last and setup.averager is not None:
             setup.averager.finish(model)
         steps_done = step0 + train.pop("steps")
@@ -230,88 +230,89 @@ def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
             "epoch_time_s": time.perf_counter() - t0,
             "lr": setup.optimizer.param_groups[0]["lr"],
             "steps": steps_done,
-            "train_time_s": clock.elapsed,
+            "train_time_s": steps.elapsed,
         }
         history.append(metrics)
-        plan = {**plan, "train_time_s": clock.elapsed, "done": last}
+        plan = {**steps.state(), "done": last}
         if rank == 0:
             test_acc = f"{metrics['test_acc']:.3f}" if metrics["test_acc"] is not None else "-"
             print(f"epoch {epoch + 1}/{epochs}  train loss {metrics['train_loss']:.3f}  train acc "
                   f"{metrics['train_acc']:.3f}  test acc {test_acc}  "
-                  f"{metrics['examples_per_sec']:.0f} examples/s  ({clock.elapsed:.0f} s of training)", flush=True)
+                  f"{metrics['examples_per_sec']:.0f} examples/s  ({steps.elapsed:.0f} s of training)", flush=True)
         _report(metrics, model, setup, cfg, epoch, history, rank, plan)
         if last:
             break
     return history
 
 
-class BudgetClock:
-    """Training time spent so far, and a stop decision that every rank takes together.
+class StepPlan:
+    """How many steps a run takes, the training time spent, and a stop decision all ranks share.
 
-    Counts only training steps (and the calibration steps), not evaluation or checkpointing.
-    `spent(step)` is polled before each step; about once a second (every `check_every` steps,
-    from the measured step time) the ranks all-reduce their elapsed time (MAX) so that they all
-    stop at the same step: a rank that stopped alone would leave the others waiting in DDP forever.
+    Without a time budget: epochs x steps per epoch. With one, the run's first `calibration`
+    steps are timed (the mean of steps 3..n; the first ones pay one-off set-up), the slowest
+    rank's time wins (all-reduce MAX), and the total is fixed to the steps that fit in what is
+    left of the budget, so that a schedule of progress = step / total spans the budget; until
+    then the provisional total (epochs x steps per epoch) drives the schedule. Only training
+    steps count (not evaluation or checkpoints). As a safety net, about once a second the ranks
+    all-reduce their elapsed time and stop together once it passes the budget: a rank that
+    stopped alone would leave the others waiting in DDP forever.
     """
 
-    def __init__(self, budget: float | None, elapsed: float, step_time: float, device):
-        self.budget, self.elapsed, self.device = budget, elapsed, device
-        self.check_every = max(1, round(1.0 / max(step_time, 1e-3)))
-        self.expired = False
-        self._t0 = None
+    def __init__(self, budget: float | None, plan: dict[str, Any], device, calibration: int = 7):
+        self.budget, self.device, self.calibration = budget, device, calibration
+        self.total, self.fixed = int(plan["total_steps"]), bool(plan.get("fixed", budget is None))
+        self.elapsed = float(plan.get("train_time_s", 0.0))
+        self.step_time = float(plan.get("step_time_s", 0.0))
+        self.check_every = max(1, round(1.0 / self.step_time)) if self.step_time else 1
+        self.expired = self.planned_now = False
+        self._stamps: list[float] = []
+        self._t0 = 0.0
 
-    def start(self) -> None:
+    def start_clock(self) -> None:
         self._t0 = time.perf_counter()
 
-    def stop(self) -> None:
+    def stop_clock(self) -> None:
         self.elapsed += time.perf_counter() - self._t0
-        self._t0 = None
 
-    def spent(self, step: int) -> bool:
-        if self.budget is None or step % self.check_every:
-            return False
+    def _now(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # host time must include the queued GPU work
-        now = torch.tensor([self.elapsed + time.perf_counter() - self._t0], dtype=torch.float64, device=self.device)
+        return self.elapsed + time.perf_counter() - self._t0
+
+    def _max_over_ranks(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(now, op=dist.ReduceOp.MAX)
-        self.expired = float(now) >= self.budget
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    def observe(self, step: int) -> None:
+        """After optimizer step `step`: time the calibration steps, then fix the total."""
+        self.planned_now = False
+        if self.fixed:
+            return
+        self._stamps.append(self._now())
+        if len(self._stamps) < self.calibration:
+            return
+        self.step_time = self._max_over_ranks((self._stamps[-1] - self._stamps[1]) / (len(self._stamps) - 2))
+        left = self.budget - self._max_over_ranks(self._stamps[-1])
+        # 1% margin for epoch boundaries and noise; the deadline check stops a run that falls behind
+        self.total = step + 1 + max(0, int(left * 0.99 / self.step_time))
+        self.check_every = max(1, round(1.0 / self.step_time))
+        self.fixed = self.planned_now = True
+
+    def done(self, step: int) -> bool:
+        """Before step `step`: stop here? The same answer on every rank."""
+        if step >= self.total:
+            return True
+        if self.budget is None or step % self.check_every:
+            return False
+        self.expired = self._max_over_ranks(self._now()) >= self.budget
         return self.expired
 
-
-def plan_steps(ddp_model, model, setup: TrainSetup, device, scaler, amp_dtype, budget: float,
-               calibration_steps: int = 6) -> dict[str, Any]:
-    """How many steps fit in `budget` seconds: time a few real steps, then undo them.
-
-    The steps run from a snapshot of the weights and optimizer state that is restored afterwards,
-    so the schedule (warm-up, decay) can span exactly the planned steps from step 0. Their time
-    counts against the budget. Step time = mean over steps 2..n (the first pays one-off set-up),
-    the slowest rank's (all-reduce MAX), so every rank plans the same number of steps.
-    Returns {"total_steps", "step_time_s", "train_time_s"}.
-    """
-    t_start = time.perf_counter()
-    snapshot = copy.deepcopy(model.state_dict()), copy.deepcopy(setup.optimizer.state_dict())
-    stamps: list[float] = []
-
-    def stamp(step):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        stamps.append(time.perf_counter())
-
-    batches = itertools.chain.from_iterable(setup.train_batches(e) for e in itertools.count())
-    g = torch.Generator(device=device).manual_seed(0)
-    train_one_epoch(ddp_model, setup.optimizer, setup.loss_fn, batches, setup.prepare, g, device,
-                    scaler=scaler, amp_dtype=amp_dtype, stop=lambda step: step >= calibration_steps, after_step=stamp)
-    model.load_state_dict(snapshot[0])
-    setup.optimizer.load_state_dict(snapshot[1])
-    step_time = torch.tensor([(stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(step_time, op=dist.ReduceOp.MAX)
-    step_time = float(step_time)
-    spent = time.perf_counter() - t_start
-    # 2% margin for epoch boundaries and noise; the clock still stops a run that falls behind
-    total = max(1, int((budget - spent) * 0.98 / step_time))
-    return {"total_steps": total, "step_time_s": step_time, "train_time_s": spent}
+    def state(self) -> dict[str, Any]:
+        """Stored in checkpoints: a resumed run keeps the schedule's length and the time spent."""
+        return {"total_steps": self.total, "fixed": self.fixed, "train_time_s": self.elapsed,
+                "step_time_s": self.step_time}
 
 
 def _report(metrics, model, setup, cfg, epoch, history, rank, plan) -> None:
