@@ -8,6 +8,10 @@ then evaluates once on the full test set. Run it under the machine's benchmark l
 
 Each finished run is appended to `--out` (JSON lines), so an interrupted benchmark keeps what it
 measured; `--table` prints the markdown table (median per configuration) from that file.
+
+`--probe` measures the fast network's training-step throughput on this machine for each
+precision (fp32, bf16 autocast), memory format (contiguous, channels_last) and process layout
+(1 process x 2 threads, 2 processes x 1 thread: what 1 or 2 DDP workers get), without Ray.
 """
 from __future__ import annotations
 
@@ -44,7 +48,8 @@ CONFIGS = {
 
 def run_one(name: str, args, index: int) -> dict:
     overrides = CONFIGS[name][1]
-    cfg = Config(**{**overrides, "data": args.data, "data_root": args.data_root, "time_budget": args.budget,
+    precision = args.precision if overrides["recipe"] == "fast" else "auto"
+    cfg = Config(**{**overrides, "precision": precision, "data": args.data, "data_root": args.data_root, "time_budget": args.budget,
                     "eval_every": 0, "num_workers": args.num_workers, "cpus_per_worker": args.cpus_per_worker,
                     "storage_path": args.storage_path, "seed": index,
                     "name": f"bench-{name}-{int(args.budget)}s-{index}-{int(time.time())}"})
@@ -55,7 +60,57 @@ def run_one(name: str, args, index: int) -> dict:
             "train_time_s": summary["train_time_s"], "steps": summary["steps"],
             "epochs_seen": summary["steps"] * cfg.batch_size / 50000,
             "wall_s": time.perf_counter() - t0, "workers": args.num_workers, "threads": args.cpus_per_worker,
+            "precision": precision,
             "run": cfg.name}
+
+
+def probe_step_rate(threads: int, batch: int, precision: str, channels_last: bool, steps: int = 6) -> float:
+    """Images/s of one process doing the fast recipe's training steps (model, augmentation, SGD)."""
+    import torch
+
+    from jobs.augmentations import random_translate
+    from jobs.fast import sgd_param_groups
+    from jobs.models import fast_cifar_net
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = fast_cifar_net(10).to(memory_format=fmt)
+    opt = torch.optim.SGD(sgd_param_groups(model, 0.1, 1e-3, 64), momentum=0.85, nesterov=True)
+    images, labels = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (batch,))
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        x = random_translate(images.float() / 255, g).contiguous(memory_format=fmt)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = torch.nn.functional.cross_entropy(model(x), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return batch / statistics.median(times[2:])
+
+
+def _probe_child(args):
+    return probe_step_rate(*args)
+
+
+def probe(global_batch: int = 1024) -> list[dict]:
+    """Total images/s for every precision x memory format x layout (processes x threads = 2)."""
+    import multiprocessing as mp
+
+    rows = []
+    for precision in ("fp32", "bf16"):
+        for channels_last in (False, True):
+            for procs in (1, 2):
+                with mp.get_context("spawn").Pool(procs) as pool:
+                    rates = pool.map(_probe_child, [(2 // procs, global_batch // procs, precision, channels_last)] * procs)
+                row = {"precision": precision, "channels_last": channels_last, "processes": procs,
+                       "threads": 2 // procs, "images_per_s": sum(rates)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
 
 
 def table(path: Path) -> str:
@@ -69,7 +124,8 @@ def table(path: Path) -> str:
     for (b, c), g in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1] != "fast", kv[0][1])):
         acc = statistics.median(r["test_acc"] for r in g)
         delta = f"{(acc - base[b]) * 100:+.1f} pt" if b in base and c != "fast" else ""
-        lines.append(f"| {b:g} s | {c} | {CONFIGS[c][0]} | {len(g)} | {acc:.4f} ({', '.join(f'{r['test_acc']:.4f}' for r in g)}) "
+        each = ", ".join(f"{r['test_acc']:.4f}" for r in g)
+        lines.append(f"| {b:g} s | {c} | {CONFIGS[c][0]} | {len(g)} | {acc:.4f} ({each}) "
                      f"| {delta} | {statistics.median(r['epochs_seen'] for r in g):.2f} | {statistics.median(r['train_time_s'] for r in g):.0f} |")
     return "\n".join(lines)
 
@@ -85,9 +141,18 @@ def main() -> int:
     p.add_argument("--cpus-per-worker", type=int, default=1, help="threads per worker (default 1)")
     p.add_argument("--storage-path", default="/tmp/raycv-bench-fast", help="run directories (default /tmp/raycv-bench-fast)")
     p.add_argument("--out", default="bench/results/fast_cifar.jsonl", help="results, one JSON line per run")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast of the fast configurations (default auto: fp32 on CPU)")
     p.add_argument("--table", action="store_true", help="only print the table from --out")
+    p.add_argument("--probe", action="store_true", help="measure step throughput per precision/format/layout and exit")
     args = p.parse_args()
     out = Path(args.out)
+    if args.probe:
+        rows = probe()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        best = max(rows, key=lambda r: r["images_per_s"])
+        out.write_text(json.dumps({"rows": rows, "best": best}, indent=2) + "\n")
+        print("best:", json.dumps(best))
+        return 0
     if args.table:
         print(table(out))
         return 0

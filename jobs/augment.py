@@ -65,6 +65,7 @@ class Config:
     normalize: bool | None = None  # standardise inputs with the training set's per-channel mean/std
     time_budget: float | None = None  # seconds of training; replaces --epochs (see engine.plan_steps)
     eval_every: int = 1            # evaluate every N epochs (0: only after the last)
+    precision: str = "auto"        # auto (fp16 AMP on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     num_workers: int = 2
     cpus_per_worker: int = 1
     use_gpu: bool = False
@@ -191,6 +192,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tta", choices=["none", "flip"], help=f"test-time augmentation at evaluation {default('tta')}")
     switch("whiten", "whiten", "initialise the first layer to whiten 2x2 patches (fast_cifar_net only)")
     switch("normalize", "normalize", "standardise inputs with the training set's channel mean/std")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help=f"autocast: auto = fp16 with loss scaling on GPU, fp32 on CPU; bf16 on any device (default {d.precision})")
     p.add_argument("--eval-every", type=int, help=f"evaluate on the test set every N epochs; 0: only after the last (default {d.eval_every})")
     p.add_argument("--num-workers", type=int, help=f"Ray Train workers (DDP ranks) (default {d.num_workers})")
     p.add_argument("--cpus-per-worker", type=int, help=f"CPUs (and torch threads) per worker (default {d.cpus_per_worker})")

@@ -126,6 +126,14 @@ def evaluate(model, loss_fn, batches: Batches, prepare, device, amp_dtype=None, 
     return {"loss_sum": loss_sum, "correct": correct, "count": count}
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision`: "auto" is fp16 (with loss scaling) on CUDA and fp32
+    on CPU; "bf16" is bfloat16 autocast on any device (no loss scaling needed); "fp32" is none."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
 def all_reduce_sums(values: dict[str, Any], device) -> dict[str, float]:
     """Sum each value over all ranks (a no-op without a process group). Returns Python floats."""
     keys = sorted(values)
@@ -157,9 +165,8 @@ def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
     setup = job.build_setup(cfg, device, rank, world)
     on_gpu = device.type == "cuda"
     model = setup.model.to(device, memory_format=torch.channels_last if on_gpu else torch.preserve_format)
-    # AMP only where it pays: fp16 with loss scaling on CUDA; fp32 on CPU (see README)
-    amp_dtype = torch.float16 if on_gpu else None
-    scaler = torch.amp.GradScaler("cuda") if on_gpu else None
+    amp_dtype = autocast_dtype(getattr(cfg, "precision", "auto"), device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     budget = getattr(cfg, "time_budget", None) or None
 
     history: list[dict[str, Any]] = []
