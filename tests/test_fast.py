@@ -131,7 +131,7 @@ def test_time_budget_stops_on_time_and_learns(local_ray, tmp_path):
     assert result["test_acc"] == summary["test_acc"] and result["plan"]["fixed"]
     # training stopped within a few seconds of the budget, and no later than it allows
     assert budget - 5 <= result["train_time_s"] <= budget + 3, result["train_time_s"]
-    assert wall < budget + 90  # Ray start-up, data, one evaluation
+    assert wall < budget + 300  # plus Ray start-up, data and one evaluation: generous for a loaded machine
     assert result["steps"] == result["plan"]["total_steps"] or result["train_time_s"] >= budget
     # intermediate epochs were not evaluated (--eval-every 0), the last one was
     assert all(h["test_acc"] is None for h in result["history"][:-1])
