@@ -43,6 +43,7 @@ CONFIGS = {
     "adam": ("Adam 1e-3 instead of Nesterov SGD", {"recipe": "fast", "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}),
     "batch-256": ("batch 256 instead of 1024 (lr scaled with it)", {"recipe": "fast", "batch_size": 256}),
     "no-normalize": ("inputs in [0, 1], not standardised", {"recipe": "fast", "normalize": False}),
+    "wide-net": ("airbench94's wider net (64/256/256) instead of 64/128/128", {"recipe": "fast", "arch": "fast_cifar_net_wide"}),
 }
 
 

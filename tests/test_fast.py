@@ -24,7 +24,7 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("arch", ["fast_cifar_net", "fast_cifar_net_small"])
+@pytest.mark.parametrize("arch", ["fast_cifar_net", "fast_cifar_net_wide"])
 def test_fast_net_forward_backward(arch):
     model = build_model(arch, num_classes=10)
     x = torch.randn(8, 3, 32, 32)
