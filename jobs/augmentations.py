@@ -71,6 +71,39 @@ def random_resized_crop(x: torch.Tensor, g: torch.Generator, size: tuple[int, in
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def random_translate(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Shift each image by (dy, dx) ~ U{-pad..pad}^2 pixels, filling the border by reflection.
+
+    The batched form of RandomCrop(H, padding=pad, padding_mode="reflect"): pad once, then gather
+    each image's window with one advanced-indexing call. x: (B, C, H, W) -> (B, C, H, W).
+    """
+    B, _, H, W = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")  # (B, C, H+2p, W+2p)
+    shift = torch.randint(0, 2 * pad + 1, (2, B), generator=g, device=g.device).to(x.device)
+    rows = (shift[0, :, None] + torch.arange(H, device=x.device))[:, :, None]  # (B, H, 1)
+    cols = (shift[1, :, None] + torch.arange(W, device=x.device))[:, None, :]  # (B, 1, W)
+    batch = torch.arange(B, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows, cols]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2)  # (B, C, H, W) view, laid out channels_last
+
+
+def flip_bits(n: int, seed: int = 0) -> torch.Tensor:
+    """(n,) bool: a fixed random bit per example of a dataset of n, for `alternating_flip`."""
+    return torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed + 17)).bool()
+
+
+def alternating_flip(x: torch.Tensor, bits: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Mirror example i left-right iff bits[i] XOR (epoch is odd).
+
+    Each image is seen flipped and unflipped in alternate epochs instead of at random, which
+    spreads the two views evenly over a short run (airbench). `bits` are the batch's entries of
+    `flip_bits` (fixed per dataset index), so every rank and every epoch agree on them.
+    x: (B, C, H, W) of any dtype, bits: (B,) bool.
+    """
+    flip = bits.to(x.device) ^ bool(epoch % 2)
+    return torch.where(_per_sample(flip), x.flip(-1), x)
+
+
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
     """ITU-R 601 luma, (B, 3, H, W) -> (B, 1, H, W)."""
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
@@ -131,6 +164,7 @@ class AugmentSpec:
     crop_ratio: tuple[float, float] = (0.5, 2.0)
     crop_size: tuple[int, int] | None = None  # None: keep the input size (training); demo uses 200x200
     jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.5)  # brightness, contrast, saturation, hue
+    translate_pad: int = 2
     names: list[str] = field(default_factory=list)
 
 
@@ -139,8 +173,14 @@ AUGMENTATIONS: dict[str, Callable[[AugmentSpec], Augment]] = {
     "hflip": lambda s: lambda x, g: horizontal_flip(x, g, s.flip_p),
     "vflip": lambda s: lambda x, g: vertical_flip(x, g, s.flip_p),
     "crop": lambda s: lambda x, g: random_resized_crop(x, g, s.crop_size, s.crop_scale, s.crop_ratio),
+    "translate": lambda s: lambda x, g: random_translate(x, g, s.translate_pad),
     "color": lambda s: lambda x, g: color_jitter(x, g, *s.jitter),
 }
+
+
+# augmentations that need each example's dataset index and the epoch: the data iterator applies
+# them (`alternating_flip`), `compose` skips them
+INDEXED_AUGMENTATIONS = ("altflip",)
 
 
 def parse_aug_names(text: str) -> list[str]:
@@ -148,21 +188,23 @@ def parse_aug_names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if names == ["none"]:
         return []
-    unknown = [n for n in names if n not in AUGMENTATIONS]
+    known = [*AUGMENTATIONS, *INDEXED_AUGMENTATIONS]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise UserError(f"unknown augmentation {', '.join(unknown) or repr(text)}; choose from none, {', '.join(AUGMENTATIONS)} (comma-separated)")
+        raise UserError(f"unknown augmentation {', '.join(unknown) or repr(text)}; choose from none, {', '.join(known)} (comma-separated)")
     return names
 
 
 def compose(names: Sequence[str], spec: AugmentSpec | None = None) -> Augment:
     """One function applying the named augmentations in order (identity for an empty list).
 
+    Names in INDEXED_AUGMENTATIONS are skipped: the data iterator applies them.
     A horizontal flip next to a crop is folded into the crop's sampling grid (one pass instead of
     two); the result has the same distribution, since flips commute with the other augmentations
     (crop boxes are placed symmetrically, colour jitter acts per pixel).
     """
     spec = spec or AugmentSpec()
-    names = list(names)
+    names = [n for n in names if n not in INDEXED_AUGMENTATIONS]
     if "crop" in names and "flip" in names:
         names.remove("flip")
         fns = [(lambda x, g: random_resized_crop(x, g, spec.crop_size, spec.crop_scale, spec.crop_ratio, spec.flip_p))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import importlib
+import itertools
 import json
 import math
 import os
@@ -52,20 +53,36 @@ class TrainSetup:
     steps_per_epoch: int
     loss_fn: nn.Module = field(default_factory=nn.CrossEntropyLoss)
     lr_at: Callable[[int], float] | None = None  # step -> lr multiplier, applied to every group's base lr
+    # progress in [0, 1] over the planned steps -> lr multiplier; planned steps = epochs x steps_per_epoch,
+    # or what fits in cfg.time_budget. Use it (not lr_at) for a schedule that must span a time budget.
+    schedule: Callable[[float], float] | None = None
+    # (model, prepared images) -> logits at evaluation, e.g. flip test-time augmentation; None: model(x)
+    predict: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    # weight averaging (e.g. `Lookahead`): .update(model, step, progress) after every optimizer step,
+    # .finish(model) before the final evaluation, .state_dict()/.load_state_dict() in checkpoints
+    averager: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- the loop
 
 def train_one_epoch(model, optimizer, loss_fn, batches: Batches, prepare, generator, device,
-                    step0: int = 0, lr_at=None, scaler=None, amp_dtype=None, log=None) -> dict[str, float]:
-    """One pass over this rank's shard. Returns sums (loss, correct, count) for cross-rank reduction."""
+                    step0: int = 0, lr_at=None, scaler=None, amp_dtype=None, log=None,
+                    stop=None, after_step=None) -> dict[str, float]:
+    """One pass over this rank's shard. Returns sums (loss, correct, count) for cross-rank reduction.
+
+    lr_at(step) scales every group's base lr; stop(step) -> True ends the pass before that step
+    (a planned step count or a spent time budget; it must answer the same on every rank);
+    after_step(step) runs after each optimizer step (weight averaging).
+    """
     model.train()
     base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     count, step = 0, step0
     for i, (images, labels) in enumerate(batches):
+        if stop is not None and stop(step):
+            break
         if lr_at is not None:
             for g, lr in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = lr * lr_at(step)
@@ -81,6 +98,8 @@ def train_one_epoch(model, optimizer, loss_fn, batches: Batches, prepare, genera
         else:
             loss.backward()
             optimizer.step()
+        if after_step is not None:
+            after_step(step)
         # accumulate on the device: no host sync per step
         loss_sum += loss.detach().float() * labels.numel()
         correct += (logits.argmax(1) == labels).sum()
@@ -92,8 +111,10 @@ def train_one_epoch(model, optimizer, loss_fn, batches: Batches, prepare, genera
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, batches: Batches, prepare, device, amp_dtype=None) -> dict[str, Any]:
-    """Loss and accuracy sums over this rank's test shard (the unwrapped model: no DDP collectives)."""
+def evaluate(model, loss_fn, batches: Batches, prepare, device, amp_dtype=None, predict=None) -> dict[str, Any]:
+    """Loss and accuracy sums over this rank's test shard (the unwrapped model: no DDP collectives).
+
+    predict(model, x) -> logits replaces model(x) (test-time augmentation)."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -101,11 +122,19 @@ def evaluate(model, loss_fn, batches: Batches, prepare, device, amp_dtype=None) 
     for images, labels in batches:
         x = prepare(images, False, None)
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            logits = model(x)
+            logits = predict(model, x) if predict is not None else model(x)
         loss_sum += loss_fn(logits.float(), labels) * labels.numel()
         correct += (logits.argmax(1) == labels).sum()
         count += labels.numel()
     return {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision`: "auto" is fp16 (with loss scaling) on CUDA and fp32
+    on CPU; "bf16" is bfloat16 autocast on any device (no loss scaling needed); "fp32" is none."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
 def all_reduce_sums(values: dict[str, Any], device) -> dict[str, float]:
@@ -122,6 +151,8 @@ def all_reduce_sums(values: dict[str, Any], device) -> dict[str, float]:
 def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
     """Ray Train's per-worker function. payload = {"job": module name, "config": asdict(cfg)}.
 
+    Runs `cfg.epochs` epochs, or, when the config has a `time_budget` (seconds), as many steps as
+    fit in that much training time: see `StepPlan`.
     With payload["session"] == "tune" it is instead a plain single-process Ray Tune trainable
     (a one-worker sweep trial): checkpoints and per-epoch reports go to Tune, not Ray Train.
     """
@@ -145,62 +176,173 @@ def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
     setup = job.build_setup(cfg, device, rank, world)
     on_gpu = device.type == "cuda"
     model = setup.model.to(device, memory_format=torch.channels_last if on_gpu else torch.preserve_format)
-    # AMP only where it pays: fp16 with loss scaling on CUDA; fp32 on CPU (see README)
-    amp_dtype = torch.float16 if on_gpu else None
-    scaler = torch.amp.GradScaler("cuda") if on_gpu else None
+    amp_dtype = autocast_dtype(getattr(cfg, "precision", "auto"), device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    budget = getattr(cfg, "time_budget", None) or None
 
     history: list[dict[str, Any]] = []
-    start_epoch = 0
+    start_epoch, plan = 0, None
     ckpt = session.get_checkpoint()
     if ckpt is not None:  # resume after a worker failure or a re-run of the same --name
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         setup.optimizer.load_state_dict(state["optimizer"])
+        if setup.averager is not None and state.get("averager") is not None:
+            setup.averager.load_state_dict(state["averager"])
         start_epoch, history = state["epoch"] + 1, list(state["history"])
+        # a budgeted run keeps its plan (schedule length, training time spent) across restarts
+        plan = state.get("plan") if budget else None
         if rank == 0:
-            print(f"{cfg.name}: resuming from the checkpoint after epoch {start_epoch} of {cfg.epochs}", flush=True)
+            print(f"{cfg.name}: resuming from the checkpoint after epoch {start_epoch}", flush=True)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
 
+    if plan is None:
+        plan = {"total_steps": max(cfg.epochs, 1) * setup.steps_per_epoch, "fixed": not budget,
+                "train_time_s": history[-1].get("train_time_s", 0.0) if history else 0.0}
+    steps = StepPlan(budget, plan, device)
+    lr_at = (lambda step: setup.schedule(step / steps.total)) if setup.schedule is not None else setup.lr_at
+
+    def after_step(step):
+        steps.observe(step)
+        if setup.averager is not None:
+            setup.averager.update(model, step, (step + 1) / steps.total)
+        if steps.planned_now and rank == 0:
+            print(f"{cfg.name}: {steps.step_time * 1e3:.0f} ms per step -> {steps.total} steps "
+                  f"({steps.total / setup.steps_per_epoch:.2f} epochs) in the {budget:g} s budget", flush=True)
+
+    eval_every = getattr(cfg, "eval_every", 1)  # 0: evaluate after the last epoch only
     fail_epoch = _injected_failure(cfg.name)
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in itertools.count(start_epoch):
+        epochs = math.ceil(steps.total / setup.steps_per_epoch)  # known once the budget's plan is fixed
+        if epoch >= epochs or plan.get("done"):
+            break
         g = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + epoch * 104729 + rank)
+        step0 = epoch * setup.steps_per_epoch
         t0 = time.perf_counter()
-        log = _progress_logger(epoch, cfg.epochs, setup.steps_per_epoch, world, t0) if rank == 0 else None
+        log = _progress_logger(epoch, epochs, setup.steps_per_epoch, world, t0) if rank == 0 else None
         if fail_epoch == epoch and rank == world - 1:
             log = _fail_after_first_batch(log)
+        steps.start_clock()
         train = train_one_epoch(ddp_model, setup.optimizer, setup.loss_fn, setup.train_batches(epoch), setup.prepare,
-                                g, device, epoch * setup.steps_per_epoch, setup.lr_at, scaler, amp_dtype, log)
+                                g, device, step0, lr_at, scaler, amp_dtype, log, stop=steps.done, after_step=after_step)
+        steps.stop_clock()
         train_time = time.perf_counter() - t0
+        epochs = math.ceil(steps.total / setup.steps_per_epoch)
+        last = epoch == epochs - 1 or steps.expired
+        if last and setup.averager is not None:
+            setup.averager.finish(model)
+        steps_done = step0 + train.pop("steps")
         train = all_reduce_sums(train, device)
-        test = all_reduce_sums(evaluate(model, setup.loss_fn, setup.test_batches(), setup.prepare, device, amp_dtype), device)
+        test = {"loss_sum": None, "correct": None, "count": 1}  # not evaluated this epoch
+        if last or (eval_every and (epoch + 1) % eval_every == 0):
+            test = all_reduce_sums(evaluate(model, setup.loss_fn, setup.test_batches(), setup.prepare, device,
+                                            amp_dtype, setup.predict), device)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": train["loss_sum"] / max(train["count"], 1),
             "train_acc": train["correct"] / max(train["count"], 1),
-            "test_loss": test["loss_sum"] / max(test["count"], 1),
-            "test_acc": test["correct"] / max(test["count"], 1),
+            "test_loss": test["loss_sum"] / max(test["count"], 1) if test["loss_sum"] is not None else None,
+            "test_acc": test["correct"] / max(test["count"], 1) if test["correct"] is not None else None,
             "examples_per_sec": train["count"] / train_time,
             "epoch_time_s": time.perf_counter() - t0,
             "lr": setup.optimizer.param_groups[0]["lr"],
+            "steps": steps_done,
+            "train_time_s": steps.elapsed,
         }
         history.append(metrics)
+        plan = {**steps.state(), "done": last}
         if rank == 0:
-            print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.3f}  train acc "
-                  f"{metrics['train_acc']:.3f}  test acc {metrics['test_acc']:.3f}  "
-                  f"{metrics['examples_per_sec']:.0f} examples/s", flush=True)
-        _report(session, metrics, model, setup, cfg, epoch, history, rank)
+            test_acc = f"{metrics['test_acc']:.3f}" if metrics["test_acc"] is not None else "-"
+            print(f"epoch {epoch + 1}/{epochs}  train loss {metrics['train_loss']:.3f}  train acc "
+                  f"{metrics['train_acc']:.3f}  test acc {test_acc}  "
+                  f"{metrics['examples_per_sec']:.0f} examples/s  ({steps.elapsed:.0f} s of training)", flush=True)
+        _report(session, metrics, model, setup, cfg, epoch, history, rank, plan)
+        if last:
+            break
     return history
 
 
-def _report(session, metrics, model, setup, cfg, epoch, history, rank) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the checkpoint: weights, optimizer, epoch, config.
-    `session` is `ray.train` (or `ray.tune` in a single-process sweep trial)."""
+class StepPlan:
+    """How many steps a run takes, the training time spent, and a stop decision all ranks share.
+
+    Without a time budget: epochs x steps per epoch. With one, the run's first `calibration`
+    steps are timed (the mean of steps 3..n; the first ones pay one-off set-up), the slowest
+    rank's time wins (all-reduce MAX), and the total is fixed to the steps that fit in what is
+    left of the budget, so that a schedule of progress = step / total spans the budget; until
+    then the provisional total (epochs x steps per epoch) drives the schedule. Only training
+    steps count (not evaluation or checkpoints). As a safety net, about once a second the ranks
+    all-reduce their elapsed time and stop together once it passes the budget: a rank that
+    stopped alone would leave the others waiting in DDP forever.
+    """
+
+    def __init__(self, budget: float | None, plan: dict[str, Any], device, calibration: int = 7):
+        self.budget, self.device, self.calibration = budget, device, calibration
+        self.total, self.fixed = int(plan["total_steps"]), bool(plan.get("fixed", budget is None))
+        self.elapsed = float(plan.get("train_time_s", 0.0))
+        self.step_time = float(plan.get("step_time_s", 0.0))
+        self.check_every = max(1, round(1.0 / self.step_time)) if self.step_time else 1
+        self.expired = self.planned_now = False
+        self._stamps: list[float] = []
+        self._t0 = 0.0
+
+    def start_clock(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop_clock(self) -> None:
+        self.elapsed += time.perf_counter() - self._t0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # host time must include the queued GPU work
+        return self.elapsed + time.perf_counter() - self._t0
+
+    def _max_over_ranks(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    def observe(self, step: int) -> None:
+        """After optimizer step `step`: time the calibration steps, then fix the total."""
+        self.planned_now = False
+        if self.fixed:
+            return
+        self._stamps.append(self._now())
+        if len(self._stamps) < self.calibration:
+            return
+        self.step_time = self._max_over_ranks((self._stamps[-1] - self._stamps[1]) / (len(self._stamps) - 2))
+        left = self.budget - self._max_over_ranks(self._stamps[-1])
+        # 1% margin for epoch boundaries and noise; the deadline check stops a run that falls behind
+        self.total = step + 1 + max(0, int(left * 0.99 / self.step_time))
+        self.check_every = max(1, round(1.0 / self.step_time))
+        self.fixed = self.planned_now = True
+
+    def done(self, step: int) -> bool:
+        """Before step `step`: stop here? The same answer on every rank."""
+        if step >= self.total:
+            return True
+        if self.budget is None or step % self.check_every:
+            return False
+        self.expired = self._max_over_ranks(self._now()) >= self.budget
+        return self.expired
+
+    def state(self) -> dict[str, Any]:
+        """Stored in checkpoints: a resumed run keeps the schedule's length and the time spent."""
+        return {"total_steps": self.total, "fixed": self.fixed, "train_time_s": self.elapsed,
+                "step_time_s": self.step_time}
+
+
+def _report(session, metrics, model, setup, cfg, epoch, history, rank, plan) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint: weights, optimizer, epoch, config,
+    the step plan and the averager's state. `session` is `ray.train` (or `ray.tune` in a sweep trial)."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
+            averager = setup.averager.state_dict() if setup.averager is not None else None
             torch.save({"model": model.state_dict(), "optimizer": setup.optimizer.state_dict(), "epoch": epoch,
-                        "config": dataclasses.asdict(cfg), "history": history, "meta": setup.meta},
+                        "config": dataclasses.asdict(cfg), "history": history, "meta": setup.meta,
+                        "plan": plan, "averager": averager},
                        Path(tmp) / CHECKPOINT_FILE)
             checkpoint = session.Checkpoint.from_directory(tmp)
         session.report(metrics, checkpoint=checkpoint)
@@ -395,7 +537,7 @@ def fit(job: str, cfg, max_failures: int = 3, callbacks: Iterable[Any] = ()) -> 
         state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     history = state["history"]
     summary = {**history[-1], "epochs": len(history), "config": dataclasses.asdict(cfg), "history": history,
-               "checkpoint": result.checkpoint.path, "meta": state["meta"]}
+               "plan": state.get("plan"), "checkpoint": result.checkpoint.path, "meta": state["meta"]}
     if is_uri(out):  # written locally, then uploaded next to the checkpoints
         import pyarrow.fs
 
@@ -436,7 +578,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
     ax.plot(epochs, [h["train_acc"] for h in history], "--", label="train acc")
-    ax.plot(epochs, [h["test_acc"] for h in history], "-.", label="test acc")
+    tested = [h for h in history if h.get("test_acc") is not None]  # --eval-every may skip epochs
+    ax.plot([h["epoch"] for h in tested], [h["test_acc"] for h in tested], "-.", marker=".", label="test acc")
     ax.set_xlabel("epoch")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)

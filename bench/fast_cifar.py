@@ -1,0 +1,185 @@
+"""Time to accuracy on CIFAR-10: the reference recipe vs `--recipe fast`, and ablations of the fast one.
+
+Every run trains for the same `--budget` seconds of training time (the engine's --time-budget),
+then evaluates once on the full test set. Run it under the machine's benchmark lock:
+
+    flock -x /tmp/heavy.lock python bench/fast_cifar.py --runs fast,fast,fast,reference --budget 600
+    flock -x /tmp/heavy.lock python bench/fast_cifar.py --runs fast,no-whiten,no-lookahead --budget 90
+
+Each finished run is appended to `--out` (JSON lines), so an interrupted benchmark keeps what it
+measured; `--table` prints the markdown table (median per configuration) from that file.
+
+`--probe` measures the fast network's training-step throughput on this machine for each
+precision (fp32, bf16 autocast), memory format (contiguous, channels_last) and process layout
+(1 process x 2 threads, 2 processes x 1 thread: what 1 or 2 DDP workers get), without Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs import engine  # noqa: E402
+from jobs.augment import Config, validate  # noqa: E402
+from jobs.cli import init_ray  # noqa: E402
+
+# name -> (what it changes, Config overrides). Ablations switch one technique of the fast recipe off.
+CONFIGS = {
+    "reference": ("reference recipe (ResNet-18, Adam 1e-3, batch 256, random flips)", {"recipe": "reference"}),
+    "fast": ("fast recipe, all techniques", {"recipe": "fast"}),
+    "no-whiten": ("first layer trained from random init instead of patch whitening", {"recipe": "fast", "whiten": False}),
+    "no-lookahead": ("no lookahead weight averaging", {"recipe": "fast", "lookahead": False}),
+    "no-tta": ("no flip test-time augmentation", {"recipe": "fast", "tta": "none"}),
+    "no-label-smoothing": ("label smoothing 0 instead of 0.2", {"recipe": "fast", "label_smoothing": 0.0}),
+    "random-flip": ("random flips instead of alternating ones", {"recipe": "fast", "aug": "flip,translate"}),
+    "no-translate": ("no random 2-pixel translations", {"recipe": "fast", "aug": "altflip"}),
+    "constant-lr": ("constant lr instead of warm-up and linear decay", {"recipe": "fast", "schedule": "constant"}),
+    "adam": ("Adam 1e-3 instead of Nesterov SGD", {"recipe": "fast", "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}),
+    "batch-256": ("batch 256 instead of 1024 (lr scaled with it)", {"recipe": "fast", "batch_size": 256}),
+    "no-normalize": ("inputs in [0, 1], not standardised", {"recipe": "fast", "normalize": False}),
+    "wide-net": ("airbench94's wider net (64/256/256) instead of 64/128/128", {"recipe": "fast", "arch": "fast_cifar_net_wide"}),
+}
+
+
+def run_one(name: str, args, index: int) -> dict:
+    overrides = CONFIGS[name][1]
+    precision = args.precision if overrides["recipe"] == "fast" else "auto"
+    cfg = Config(**{**overrides, "precision": precision, "data": args.data, "data_root": args.data_root, "time_budget": args.budget,
+                    "eval_every": 0, "num_workers": args.num_workers, "cpus_per_worker": args.cpus_per_worker,
+                    "storage_path": args.storage_path, "seed": index,
+                    "name": f"bench-{name}-{int(args.budget)}s-{index}-{int(time.time())}"})
+    validate(cfg)
+    t0 = time.perf_counter()
+    summary = engine.fit("jobs.augment", cfg)
+    return {"config": name, "budget_s": args.budget, "seed": index, "test_acc": summary["test_acc"],
+            "train_time_s": summary["train_time_s"], "steps": summary["steps"],
+            "epochs_seen": summary["steps"] * cfg.batch_size / 50000,
+            "wall_s": time.perf_counter() - t0, "workers": args.num_workers, "threads": args.cpus_per_worker,
+            "precision": precision,
+            "run": cfg.name}
+
+
+def probe_step_rate(threads: int, batch: int, precision: str, channels_last: bool, steps: int = 6) -> float:
+    """Images/s of one process doing the fast recipe's training steps (model, augmentation, SGD)."""
+    import torch
+
+    from jobs.augmentations import random_translate
+    from jobs.fast import sgd_param_groups
+    from jobs.models import fast_cifar_net
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = fast_cifar_net(10).to(memory_format=fmt)
+    opt = torch.optim.SGD(sgd_param_groups(model, 0.1, 1e-3, 64), momentum=0.85, nesterov=True)
+    images, labels = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (batch,))
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        x = random_translate(images.float() / 255, g).contiguous(memory_format=fmt)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = torch.nn.functional.cross_entropy(model(x), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return batch / statistics.median(times[2:])
+
+
+def _probe_child(args):
+    return probe_step_rate(*args)
+
+
+PROBES = [("fp32", False, 2), ("fp32", False, 1), ("bf16", False, 2), ("bf16", False, 1),
+          ("fp32", True, 2), ("bf16", True, 2)]  # (precision, channels_last, processes)
+
+
+def probe(global_batch: int = 1024) -> list[dict]:
+    """Total images/s per precision x memory format x layout (processes x threads = 2 cores)."""
+    import multiprocessing as mp
+
+    rows = []
+    for precision, channels_last, procs in PROBES:
+        with mp.get_context("spawn").Pool(procs) as pool:
+            rates = pool.map(_probe_child, [(2 // procs, global_batch // procs, precision, channels_last)] * procs)
+        row = {"precision": precision, "channels_last": channels_last, "processes": procs,
+               "threads": 2 // procs, "images_per_s": sum(rates)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def table(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["budget_s"], r["config"]), []).append(r)
+    base = {b: statistics.median(r["test_acc"] for r in g) for (b, c), g in groups.items() if c == "fast"}
+    lines = ["| budget | configuration | what changes | runs | test acc (median) | vs fast | epochs seen | train time (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (b, c), g in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1] != "fast", kv[0][1])):
+        acc = statistics.median(r["test_acc"] for r in g)
+        delta = f"{(acc - base[b]) * 100:+.1f} pt" if b in base and c != "fast" else ""
+        each = ", ".join(f"{r['test_acc']:.4f}" for r in g)
+        lines.append(f"| {b:g} s | {c} | {CONFIGS[c][0]} | {len(g)} | {acc:.4f} ({each}) "
+                     f"| {delta} | {statistics.median(r['epochs_seen'] for r in g):.2f} | {statistics.median(r['train_time_s'] for r in g):.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default="fast,reference", help=f"comma-separated configurations, repeated as listed: {', '.join(CONFIGS)}")
+    p.add_argument("--budget", type=float, default=600, help="training seconds per run (default 600)")
+    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.zip"),
+                   help="CIFAR-10 as an ImageFolder zip (default ../shared/data/cifar10-jpeg.zip)")
+    p.add_argument("--data-root", default="data", help="decoded-tensor cache (default data)")
+    p.add_argument("--num-workers", type=int, default=2, help="DDP workers (default 2)")
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="threads per worker (default 1)")
+    p.add_argument("--storage-path", default="/tmp/raycv-bench-fast", help="run directories (default /tmp/raycv-bench-fast)")
+    p.add_argument("--out", default="bench/results/fast_cifar.jsonl", help="results, one JSON line per run")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast of the fast configurations (default auto: fp32 on CPU)")
+    p.add_argument("--stop-by", type=float, help="UNIX time: skip runs that would not finish by then (a shared machine's lock slot)")
+    p.add_argument("--table", action="store_true", help="only print the table from --out")
+    p.add_argument("--probe", action="store_true", help="measure step throughput per precision/format/layout and exit")
+    args = p.parse_args()
+    out = Path(args.out)
+    if args.probe:
+        rows = probe()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        best = max(rows, key=lambda r: r["images_per_s"])
+        out.write_text(json.dumps({"rows": rows, "best": best}, indent=2) + "\n")
+        print("best:", json.dumps(best))
+        return 0
+    if args.table:
+        print(table(out))
+        return 0
+    names = [n.strip() for n in args.runs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configuration(s) {', '.join(unknown)}")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    init_ray(None, include_dashboard=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seen: dict[str, int] = {}
+    for name in names:
+        if args.stop_by and time.time() + args.budget * 1.1 + 120 > args.stop_by:
+            print(f"skipping {name}: it would not finish before --stop-by", flush=True)
+            continue
+        seen[name] = seen.get(name, 0) + 1
+        row = run_one(name, args, seen[name] - 1)
+        print(json.dumps(row), flush=True)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    print(table(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

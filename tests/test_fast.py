@@ -1,0 +1,142 @@
+"""The fast CIFAR-10 recipe and time budgets: the network, whitening, the recipe's pieces, and
+budgeted runs end to end on Ray Train (2 workers, gloo)."""
+import json
+import time
+
+import pytest
+import ray
+import torch
+import torch.nn.functional as F
+
+from jobs import engine
+from jobs.augment import Config, build_setup
+from jobs.augmentations import alternating_flip, flip_bits, random_translate
+from jobs.fast import Lookahead, flip_tta, sgd_param_groups, warmup_decay
+from jobs.models import FastCifarNet, build_model, init_whitening_
+
+FAST_TINY = dict(recipe="fast", data="synthetic:1024", image_size=16, batch_size=128, num_workers=2)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("arch", ["fast_cifar_net", "fast_cifar_net_wide"])
+def test_fast_net_forward_backward(arch):
+    model = build_model(arch, num_classes=10)
+    x = torch.randn(8, 3, 32, 32)
+    logits = model(x)
+    assert logits.shape == (8, 10)
+    logits.square().mean().backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # BN scales are frozen: only the shifts learn
+    assert not model.blocks[0].norm1.weight.requires_grad and model.blocks[0].norm1.bias.requires_grad
+    # smaller images work too (global max-pool), as on the synthetic data
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_whitening_init_whitens_patches():
+    # correlated pixels: smooth random images, channels mixed, so the raw patch covariance is far from I
+    g = torch.Generator().manual_seed(0)
+    x = F.avg_pool2d(torch.randn(32, 3, 18, 18, generator=g), 3, stride=1)  # (32, 3, 16, 16)
+    x = torch.einsum("ij,bjhw->bihw", torch.tensor([[1.0, 0.5, 0.2], [0.3, 1.0, 0.1], [0.6, 0.4, 1.0]]), x)
+    conv = torch.nn.Conv2d(3, 24, 2, bias=True)
+    init_whitening_(conv, x, eps=1e-6)
+    with torch.no_grad():
+        y = conv(x)  # (32, 24, 15, 15)
+    feats = y[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = feats.T @ feats / len(feats)
+    torch.testing.assert_close(cov, torch.eye(12), atol=1e-3, rtol=0)
+    torch.testing.assert_close(y[:, 12:], -y[:, :12])  # the negated filters, for the GELU that follows
+    with pytest.raises(ValueError, match="24 output channels"):
+        init_whitening_(torch.nn.Conv2d(3, 16, 2), x)
+
+
+def test_translate_and_alternating_flip():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 8, 8)
+    out = random_translate(x, g, pad=2)
+    assert out.shape == x.shape
+    padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    for i in range(16):  # each image is one 8x8 window of its reflect-padded self
+        windows = padded[i].unfold(1, 8, 1).unfold(2, 8, 1)  # (3, 5, 5, 8, 8)
+        assert any(torch.equal(windows[:, r, c], out[i]) for r in range(5) for c in range(5))
+    assert torch.equal(random_translate(x, g, pad=0), x)
+    bits = flip_bits(16, seed=0)
+    even, odd = alternating_flip(x, bits, 0), alternating_flip(x, bits, 1)
+    assert torch.equal(even, torch.where(bits.view(-1, 1, 1, 1), x.flip(-1), x))
+    assert torch.equal(odd.flip(-1), even)  # every image is seen the other way round next epoch
+    assert torch.equal(alternating_flip(x, bits, 2), even)
+
+
+def test_schedule_param_groups_lookahead_tta():
+    assert warmup_decay(0.0) == pytest.approx(0.2)
+    assert warmup_decay(0.23) == pytest.approx(1.0)
+    assert warmup_decay(1.0) == pytest.approx(0.07)
+    assert warmup_decay(0.1) < warmup_decay(0.2) and warmup_decay(0.5) > warmup_decay(0.9)
+
+    model = FastCifarNet(10, widths=(8, 8, 8))
+    groups = sgd_param_groups(model, lr=0.1, weight_decay=1e-3, bn_lr_scale=64)
+    assert groups[1]["lr"] == pytest.approx(6.4) and groups[1]["lr"] * groups[1]["weight_decay"] == pytest.approx(1e-4)
+    assert sum(len(gr["params"]) for gr in groups) == sum(p.requires_grad for p in model.parameters())
+
+    # lookahead: slow weights trail; two ranks with the same weights stay identical; finish loads slow
+    a, b = FastCifarNet(10, widths=(8, 8, 8)), FastCifarNet(10, widths=(8, 8, 8))
+    b.load_state_dict(a.state_dict())
+    la, lb = Lookahead(every=1), Lookahead(every=1)
+    start = a.head.weight.detach().clone()
+    for step in range(3):
+        for model, avg in ((a, la), (b, lb)):
+            with torch.no_grad():
+                model.head.weight.add_(1.0)
+            avg.update(model, step, progress=1.0)
+    assert torch.equal(a.head.weight, b.head.weight)
+    assert (a.head.weight - start).max() < 3.0  # pulled back towards the slow weights
+    la.finish(a)
+    torch.testing.assert_close(a.head.weight, la.slow["head.weight"])
+
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(flip_tta(a.eval(), x), 0.5 * (a(x) + a(x.flip(-1))))
+
+
+def test_fast_recipe_config_defaults_and_overrides():
+    cfg = Config(recipe="fast")
+    assert (cfg.arch, cfg.batch_size, cfg.optimizer, cfg.lookahead, cfg.tta) == ("fast_cifar_net", 1024, "sgd", True, "flip")
+    assert cfg.lr == pytest.approx(1.5)
+    assert Config(recipe="fast", batch_size=512).lr == pytest.approx(0.75)  # scaled with the batch
+    assert Config(recipe="fast", lookahead=False, aug="translate").aug == "translate"
+    ref = Config()
+    assert (ref.arch, ref.batch_size, ref.optimizer, ref.lr, ref.aug) == ("cifar_resnet18", 256, "adam", 1e-3, "flip")
+    setup = build_setup(Config(**{**FAST_TINY, "num_workers": 1}), torch.device("cpu"), 0, 1)
+    assert setup.averager is not None and setup.predict is flip_tta and setup.schedule is not None
+    assert not setup.model.whiten.weight.requires_grad
+    x, y = next(iter(setup.train_batches(0)))
+    prepared = setup.prepare(x, True, torch.Generator().manual_seed(0))
+    assert prepared.shape == (128, 3, 16, 16) and abs(float(prepared.mean())) < 0.5  # standardised
+
+
+def test_time_budget_stops_on_time_and_learns(local_ray, tmp_path):
+    budget = 15.0
+    cfg = Config(**FAST_TINY, time_budget=budget, eval_every=0, storage_path=str(tmp_path), name="budget")
+    t0 = time.perf_counter()
+    summary = engine.fit("jobs.augment", cfg)
+    wall = time.perf_counter() - t0
+    result = json.loads((tmp_path / "budget" / "result.json").read_text())
+    assert result["test_acc"] == summary["test_acc"] and result["plan"]["fixed"]
+    # training stopped within a few seconds of the budget, and no later than it allows
+    assert budget - 5 <= result["train_time_s"] <= budget + 3, result["train_time_s"]
+    assert wall < budget + 300  # plus Ray start-up, data and one evaluation: generous for a loaded machine
+    assert result["steps"] == result["plan"]["total_steps"] or result["train_time_s"] >= budget
+    # intermediate epochs were not evaluated (--eval-every 0), the last one was
+    assert all(h["test_acc"] is None for h in result["history"][:-1])
+    # 4 balanced classes: chance is 0.25
+    assert summary["test_acc"] > 0.6, summary["history"]
+    # re-running the finished budgeted run returns its result without training again
+    again = engine.fit("jobs.augment", cfg)
+    assert again["history"] == summary["history"]
