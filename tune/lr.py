@@ -201,10 +201,12 @@ def trial_rows(results, searched: list[str]) -> list[dict[str, Any]]:
         # Tune marks a trial "done" when it returned or the scheduler stopped it; not when interrupted
         if r.error:
             status = "error"
+        elif epochs and done_epochs >= epochs:
+            status = "completed"  # all epochs reported (a restored trial's last result may lack "done")
         elif not (r.metrics or {}).get("done"):
             status = "unfinished"
         else:
-            status = "completed" if done_epochs >= (epochs or 0) else "early-stopped"
+            status = "early-stopped"
         row = {"trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name,
                **{k: config.get(k) for k in searched},
                "epochs": done_epochs, "status": status,
