@@ -5,8 +5,9 @@
     python -m tune.lr --job augment --name lr-augment-cifar10 --resume   # finish an interrupted sweep
 
 Every flag that is not the sweep's own goes to the job (`python -m jobs.<job> --help`) and applies to
-every trial. Each trial is the job itself: `jobs.engine.fit` on Ray Train, named after the trial id,
-reporting test accuracy per epoch to Tune. The sweep directory `<storage-path>/<name>/` receives
+every trial. Each trial is the job itself, run by `jobs.engine`: with one worker its training loop
+runs inside the trial; with more, `engine.fit` runs a TorchTrainer named after the trial id. Either
+way every epoch's test accuracy reaches Tune, whose ASHA scheduler stops the weak trials. The sweep directory `<storage-path>/<name>/` receives
 results.csv, best.json (`python -m jobs.<job> --config best.json` retrains the winner), lr.png.
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ import argparse
 import dataclasses
 import importlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -171,7 +171,9 @@ def build_tuner(args, base, path: str, restore: bool, space: dict[str, Any] | No
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=args.num_samples, scheduler=scheduler,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=args.name, storage_path=tune_storage(args.storage_path),
-                                  failure_config=tune.FailureConfig(max_failures=args.max_failures)),
+                                  failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                                  # one-worker trials checkpoint through Tune: weights + optimizer, every epoch
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
 
 
@@ -196,7 +198,13 @@ def trial_rows(results, searched: list[str]) -> list[dict[str, Any]]:
         epochs = config.get("base", {}).get("epochs")
         history = r.metrics_dataframe
         done_epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
-        status = "error" if r.error else ("completed" if done_epochs >= (epochs or 0) else "early-stopped")
+        # Tune marks a trial "done" when it returned or the scheduler stopped it; not when interrupted
+        if r.error:
+            status = "error"
+        elif not (r.metrics or {}).get("done"):
+            status = "unfinished"
+        else:
+            status = "completed" if done_epochs >= (epochs or 0) else "early-stopped"
         row = {"trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name,
                **{k: config.get(k) for k in searched},
                "epochs": done_epochs, "status": status,
@@ -240,8 +248,8 @@ def plot_lr(rows: list[dict[str, Any]], path: Path, best_id: str | None) -> None
     plt.close(fig)
 
 
-def summarize(results, args, out: OutputDir) -> dict[str, Any] | None:
-    """Print the table; write results.csv, best.json and lr.png. Returns best.json's content."""
+def summarize(results, args, out: OutputDir) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Print the table; write results.csv, best.json and lr.png. Returns (best.json's content, rows)."""
     configs = [r.config for r in results if r.config]
     if not configs:
         raise UserError("the sweep has no trials")
@@ -250,7 +258,7 @@ def summarize(results, args, out: OutputDir) -> dict[str, Any] | None:
     columns = ["trial_id", *searched, "epochs", "status", METRIC, f"best_{METRIC}", "train_loss"]
     print(format_table(rows, columns), flush=True)
     write_csv(rows, out / "results.csv")
-    finished = [r for r in rows if r["status"] != "error" and r[METRIC] is not None]
+    finished = [r for r in rows if r["status"] in ("completed", "early-stopped") and r[METRIC] is not None]
     best = None
     if finished:
         best = best_json(finished[0], configs[0], searched, args.name)
@@ -259,7 +267,7 @@ def summarize(results, args, out: OutputDir) -> dict[str, Any] | None:
         best["checkpoint"] = winner.checkpoint.path if winner.checkpoint else (winner.metrics or {}).get("checkpoint_path")
         (out / "best.json").write_text(json.dumps(best, indent=2) + "\n")
     plot_lr(rows, out / "lr.png", best["trial_id"] if best else None)
-    return best
+    return best, rows
 
 
 def main(argv=None) -> int:
@@ -292,9 +300,10 @@ def main(argv=None) -> int:
                                                    indent=2) + "\n")
         out.publish()
     results = tuner.fit()
-    best = summarize(results, args, out)
+    best, rows = summarize(results, args, out)
     where = out.publish()
-    unfinished = len(results) - results.num_terminated
+    # counted from the rows: after Ctrl-C, Tune's in-memory statuses read "terminated" for cut trials
+    unfinished = sum(r["status"] in ("error", "unfinished") for r in rows) + (len(results) - len(rows))
     if unfinished:
         print(f"{unfinished} trial(s) did not finish (errors or an interruption); finish them with: "
               f"python -m tune.lr --storage-path {args.storage_path} --name {args.name} --resume", flush=True)
