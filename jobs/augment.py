@@ -8,7 +8,6 @@ and the fast recipe (`--recipe fast`: a small net and an airbench-style recipe b
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 from jobs import engine
 from jobs.engine import PLACEMENT_STRATEGIES
 from jobs.augmentations import AugmentSpec, alternating_flip, compose, flip_bits, parse_aug_names
-from jobs.cli import UserError, config_from_args, init_ray, run_cli
+from jobs.cli import UserError, run_cli
 from jobs.data import iterate_batches, load_image_data, num_batches, shard_indices
 from jobs.fast import Lookahead, flip_tta, sgd_param_groups, warmup_decay
 from jobs.models import MODELS, build_model, init_whitening_
@@ -236,17 +235,7 @@ def validate(cfg: Config) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = config_from_args(Config, args, args.config)
-    except TypeError as e:
-        raise UserError(f"bad config: {e}") from None
-    validate(cfg)
-    engine.check_storage(cfg)
-    print("config:", dataclasses.asdict(cfg), flush=True)
-    init_ray(args.address)
-    summary = engine.fit("jobs.augment", cfg)
-    out = engine.run_dir(cfg)
+    summary, out = engine.run_job_cli("jobs.augment", Config, parse_args(argv), validate)
     print(f"done: test acc {summary['test_acc']:.3f} after {summary['epochs']} epochs "
           f"({summary['steps']} steps, {summary['train_time_s']:.0f} s of training); "
           f"results in {out}/ (result.json, curves.png, model/, checkpoints)")

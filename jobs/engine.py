@@ -503,6 +503,22 @@ def absolute_paths(cfg):
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
+def run_job_cli(job: str, config_cls, args, validate) -> tuple[dict[str, Any], Any]:
+    """A job entrypoint's driver flow: config from --config and flags, validation, storage check,
+    the config printed, Ray started (embedded or --address), then `fit`. Returns (summary, run dir)."""
+    from jobs.cli import config_from_args, init_ray
+
+    try:
+        cfg = config_from_args(config_cls, args, args.config)
+    except TypeError as e:
+        raise UserError(f"bad config: {e}") from None
+    validate(cfg)
+    check_storage(cfg)
+    print("config:", dataclasses.asdict(cfg), flush=True)
+    init_ray(args.address)
+    return fit(job, cfg), run_dir(cfg)
+
+
 def fit(job: str, cfg, max_failures: int = 3, callbacks: Iterable[Any] = ()) -> dict[str, Any]:
     """Run job module `job` with config `cfg` on Ray Train; write and return `result.json`'s content.
 

@@ -12,7 +12,6 @@ on the training device (`Preset.train_batch` / `Preset.eval_batch`), so an epoch
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from jobs import engine
-from jobs.cli import UserError, config_from_args, init_ray, run_cli
+from jobs.cli import UserError, run_cli
 from jobs.data import DOWNLOADS, iterate_batches, load_image_data, num_batches, shard_indices
 from jobs.models import build_model
 from jobs.presets import Preset, scaled_resize
@@ -351,17 +350,7 @@ def validate(cfg: Config) -> Source:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = config_from_args(Config, args, args.config)
-    except TypeError as e:
-        raise UserError(f"bad config: {e}") from None
-    validate(cfg)
-    engine.check_storage(cfg)
-    print("config:", dataclasses.asdict(cfg), flush=True)
-    init_ray(args.address)
-    summary = engine.fit("jobs.finetune", cfg)
-    out = engine.run_dir(cfg)
+    summary, out = engine.run_job_cli("jobs.finetune", Config, parse_args(argv), validate)
     print(f"done: test acc {summary['test_acc']:.3f} after {summary['epochs']} epochs; "
           f"results in {out}/ (result.json, curves.png, model/, checkpoints)")
     return 0
