@@ -290,7 +290,9 @@ class StepPlan:
         self._t0 = time.perf_counter()
 
     def stop_clock(self) -> None:
-        self.elapsed += time.perf_counter() - self._t0
+        """End of an epoch's training: every rank takes the slowest rank's time, the one that
+        decides the deadline, so the run's reported training time is the same on all ranks."""
+        self.elapsed = self._max_over_ranks(self.elapsed + time.perf_counter() - self._t0)
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -330,7 +332,7 @@ class StepPlan:
     def state(self) -> dict[str, Any]:
         """Stored in checkpoints: a resumed run keeps the schedule's length and the time spent."""
         return {"total_steps": self.total, "fixed": self.fixed, "train_time_s": self.elapsed,
-                "step_time_s": self.step_time}
+                "step_time_s": self.step_time, "expired": self.expired}
 
 
 def _report(session, metrics, model, setup, cfg, epoch, history, rank, plan) -> None:

@@ -132,7 +132,9 @@ def test_time_budget_stops_on_time_and_learns(local_ray, tmp_path):
     # training stopped within a few seconds of the budget, and no later than it allows
     assert budget - 5 <= result["train_time_s"] <= budget + 3, result["train_time_s"]
     assert wall < budget + 300  # plus Ray start-up, data and one evaluation: generous for a loaded machine
-    assert result["steps"] == result["plan"]["total_steps"] or result["train_time_s"] >= budget
+    # it ran the planned steps, or the deadline check stopped it once the slowest rank passed the budget
+    assert result["steps"] == result["plan"]["total_steps"] or (result["plan"]["expired"]
+                                                                and result["train_time_s"] >= budget)
     # intermediate epochs were not evaluated (--eval-every 0), the last one was
     assert all(h["test_acc"] is None for h in result["history"][:-1])
     # 4 balanced classes: chance is 0.25
