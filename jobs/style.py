@@ -1,0 +1,455 @@
+"""Neural style transfer (Gatys et al. 2016) over VGG-19 `features`: the core library.
+
+Plain PyTorch, no Ray. The CLI and the Ray batch job live in `jobs/style_cli.py`
+(`python -m jobs.style` runs it); a Serve pool or a Tune sweep imports this module:
+
+    extractor = build_extractor(cfg)                 # load VGG once per process
+    image, history = stylize(content_img, style_img, cfg, extractor=extractor)
+    distances(image, content_img, style_img, extractor, size=cfg.size)   # unweighted, for sweeps
+
+Sections: configuration, input images, VGG features, losses, optimisation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch import nn
+
+from jobs.cli import UserError
+
+# ----------------------------------------------------------------------------- configuration
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VGG19_NUM_LAYERS = 37  # len(torchvision.models.vgg19().features)
+
+
+@dataclass
+class StyleConfig:
+    """One style-transfer run. Defaults are the reference recipe (SPEC.md section 3)."""
+
+    content_layers: list[int] = field(default_factory=lambda: [25])  # conv4_4
+    style_layers: list[int] = field(default_factory=lambda: [0, 5, 10, 19, 28])  # convN_1
+    content_weight: float = 1.0
+    style_weight: float = 1e3
+    tv_weight: float = 10.0
+    size: list[int] = field(default_factory=lambda: [300, 450])  # (H, W) of the final scale
+    scales: list[float] = field(default_factory=lambda: [1.0])  # coarse-to-fine, e.g. [0.5, 1.0]
+    steps: int = 500  # per scale: Adam steps, or L-BFGS loss evaluations (at most)
+    optimizer: str = "adam"  # adam | lbfgs
+    lr: float = 0.3  # Adam only
+    lr_decay_steps: int = 50  # StepLR step_size (Adam)
+    lr_gamma: float = 0.8
+    lbfgs_lr: float = 1.0  # L-BFGS scales its own steps by its curvature estimate
+    lbfgs_history: int = 100
+    init: str = "content"  # content | noise
+    seed: int = 0  # noise init and `weights="random"`
+    weights: str = "imagenet"  # imagenet | random | PATH to a state dict
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    channels_last: bool = True  # faster oneDNN/cuDNN convolutions, same math
+    precision: str = "fp32"  # fp32 | bf16 (autocast around the VGG only; losses stay fp32)
+    max_pixels: int = 40_000_000  # input images and working size above this are refused
+
+    def __post_init__(self):
+        self.size = [int(v) for v in self.size]
+        self.scales = [float(s) for s in self.scales]
+        self.content_layers = [int(i) for i in self.content_layers]
+        self.style_layers = [int(i) for i in self.style_layers]
+
+    def validate(self) -> "StyleConfig":
+        """Raise `UserError` (one line) for any value a run cannot use; return self."""
+        if len(self.size) != 2 or min(self.size) <= 0:
+            raise UserError(f"size must be two positive numbers H W, got {self.size}")
+        if self.size[0] * self.size[1] > self.max_pixels:
+            raise UserError(f"size {self.size[0]}x{self.size[1]} is over the pixel limit {self.max_pixels}")
+        if not self.scales or any(not (0 < s <= 1) for s in self.scales):
+            raise UserError(f"scales must be fractions in (0, 1], got {self.scales}")
+        if any(min(round(h * s) for h in self.size) < 1 for s in self.scales):
+            raise UserError(f"scales {self.scales} make the image smaller than one pixel at size {self.size}")
+        check_layers(self.content_layers, "content")
+        check_layers(self.style_layers, "style")
+        if self.optimizer not in ("adam", "lbfgs"):
+            raise UserError(f"optimizer must be adam or lbfgs, got {self.optimizer!r}")
+        if self.init not in ("content", "noise"):
+            raise UserError(f"init must be content or noise, got {self.init!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise UserError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.steps < 0:
+            raise UserError(f"steps must be >= 0, got {self.steps}")
+        for name in ("content_weight", "style_weight", "tv_weight", "lr", "lbfgs_lr"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise UserError(f"{name} must be a finite number >= 0, got {v}")
+        return self
+
+
+def check_layers(layers: Sequence[int], what: str = "feature") -> None:
+    """Refuse layer indices outside VGG-19 `features` (0..36) or an empty list."""
+    if not layers:
+        raise UserError(f"{what} layers must not be empty")
+    bad = [i for i in layers if not 0 <= i < VGG19_NUM_LAYERS]
+    if bad:
+        raise UserError(f"unknown {what} layer index {bad[0]}: VGG-19 features has layers 0..{VGG19_NUM_LAYERS - 1}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available else cpu; refuse cuda on a machine without it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name} asked for but CUDA is not available here")
+    return dev
+
+
+# ----------------------------------------------------------------------------- input images
+
+
+class ImageInputError(UserError):
+    """An input image that cannot be used (missing, not an image, empty, too many pixels).
+
+    A `UserError`, so the CLI prints one line; an HTTP front end answers it with a 4xx.
+    """
+
+
+def load_image(source, max_pixels: int = StyleConfig.max_pixels, name: str = "image") -> Image.Image:
+    """Open a path, bytes or PIL image as RGB, refusing bad input before decoding it.
+
+    The pixel count is read from the header, so a decompression bomb (a small file that
+    decodes to gigapixels) is refused without allocating its pixels.
+    """
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            fp, label = io.BytesIO(bytes(source)), name
+        else:
+            path = os.fspath(source)
+            if not os.path.isfile(path):
+                raise ImageInputError(f"{name} not found: {path}")
+            fp, label = path, f"{name} {path}"
+        try:
+            img = Image.open(fp)
+        except Image.DecompressionBombError:
+            raise ImageInputError(f"{label} has too many pixels (decompression bomb?)") from None
+        except (Image.UnidentifiedImageError, OSError, ValueError) as e:
+            raise ImageInputError(f"{label} is not a readable image ({type(e).__name__})") from None
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageInputError(f"{name} has zero size ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageInputError(f"{name} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+    try:
+        return img.convert("RGB")  # decodes; a truncated file fails here
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageInputError(f"{name} cannot be decoded ({type(e).__name__}: {e})") from None
+
+
+def preprocess(img: Image.Image, size: Sequence[int]) -> torch.Tensor:
+    """PIL RGB -> (1, 3, H, W) float tensor: resize to `size`=(H, W), ToTensor, ImageNet normalize."""
+    t = torchvision.transforms.Compose([
+        torchvision.transforms.Resize(tuple(size)),
+        torchvision.transforms.ToTensor(),
+        torchvision.transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+    return t(img).unsqueeze(0)
+
+
+def postprocess(x: torch.Tensor) -> Image.Image:
+    """(1, 3, H, W) normalized tensor -> PIL RGB: invert the normalization, clamp to [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    img = (x[0].detach().float().cpu() * std + mean).clamp(0, 1)
+    return torchvision.transforms.functional.to_pil_image(img)
+
+
+# ----------------------------------------------------------------------------- VGG features
+
+
+def load_vgg(weights: str = "imagenet", seed: int = 0) -> nn.Sequential:
+    """VGG-19 `features` (37 layers) with weights from "imagenet", "random" or a state-dict path.
+
+    "imagenet" goes through torchvision's `VGG19_Weights` and the torch hub cache, so a
+    pre-seeded `$TORCH_HOME/hub/checkpoints/vgg19-dcbb9e9d.pth` works offline. Only the
+    `features.*` entries are used (the 500 MB classifier is never built). A path may hold
+    a full VGG-19 state dict or a `features` one (keys `N.weight`). "random" uses
+    torchvision's VGG initialisation under `seed`, for tests and offline demos only.
+    """
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["E"], batch_norm=False)
+    if weights == "random":
+        g = torch.Generator().manual_seed(seed)
+        for m in features.modules():
+            if isinstance(m, nn.Conv2d):  # as torchvision.models.VGG.__init__
+                fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+                with torch.no_grad():
+                    m.weight.normal_(0.0, math.sqrt(2.0 / fan_out), generator=g)
+                    m.bias.zero_()
+        return features
+    if weights == "imagenet":
+        w = torchvision.models.VGG19_Weights.IMAGENET1K_V1
+        try:
+            state = w.get_state_dict(progress=False, check_hash=True)
+        except Exception as e:  # URLError, HTTPError, hash mismatch: all mean "not available"
+            cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
+            raise UserError(
+                f"cannot get ImageNet VGG-19 weights ({type(e).__name__}); put {os.path.basename(w.url)} "
+                f"at {cache}, or pass --weights PATH (or random for an offline demo)") from None
+    else:
+        if not os.path.isfile(weights):
+            raise UserError(f"weights must be imagenet, random or a state-dict file; {weights!r} is none of these")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot load weights {weights}: {type(e).__name__}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"weights {weights} do not hold a state dict")
+    if any(k.startswith("features.") for k in state):
+        state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    try:
+        features.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"weights {weights} do not fit VGG-19 features: {str(e).splitlines()[0]}") from None
+    return features
+
+
+class VGGFeatures(nn.Module):
+    """Frozen VGG-19 `features` truncated after `last_layer`; returns the maps a run asks for.
+
+    `forward(x, layers)` runs layers 0..max(layers). torchvision's ReLUs are in-place, so a
+    conv map captured at i < max(layers) is turned into its ReLU by layer i+1 (relu1_1,
+    relu2_1, ... as in Gatys et al.), while the map at max(layers) stays pre-ReLU. The
+    reference code (a per-layer loop over the same modules) behaves the same. Hence every
+    call of one run passes the SAME layer set (content + style), for targets too.
+    """
+
+    def __init__(self, features: nn.Sequential, last_layer: int):
+        super().__init__()
+        check_layers([last_layer])
+        self.layers = nn.Sequential(*list(features)[: last_layer + 1])
+        self.requires_grad_(False)  # the image is the only parameter: no weight gradients
+        self.eval()
+
+    def forward(self, x: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """x (B, 3, H, W) -> {i: feature map (B, C_i, H_i, W_i)} for each i in `layers`."""
+        wanted, last = set(layers), max(layers)
+        if last >= len(self.layers):
+            raise UserError(f"layer {last} is past this extractor's last layer {len(self.layers) - 1}")
+        out = {}
+        for i, layer in enumerate(self.layers[: last + 1]):
+            x = layer(x)
+            if i in wanted:
+                out[i] = x
+        return out
+
+
+def build_extractor(cfg: StyleConfig, features: nn.Sequential | None = None) -> VGGFeatures:
+    """The extractor for `cfg`'s layers, on `cfg.device`, in `cfg`'s memory format."""
+    features = features if features is not None else load_vgg(cfg.weights, cfg.seed)
+    ext = VGGFeatures(features, max(cfg.content_layers + cfg.style_layers)).to(resolve_device(cfg.device))
+    if cfg.channels_last:
+        ext = ext.to(memory_format=torch.channels_last)
+    return ext
+
+
+@lru_cache(maxsize=2)
+def cached_extractor(weights: str, seed: int, device: str, last_layer: int, channels_last: bool) -> VGGFeatures:
+    """One extractor per process and setting: Ray workers reuse it across tasks."""
+    cfg = StyleConfig(weights=weights, seed=seed, device=device, channels_last=channels_last,
+                      content_layers=[last_layer], style_layers=[last_layer])
+    return build_extractor(cfg)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """Gram matrix of feature maps: x (B, C, H, W) -> G (B, C, C), G = X X^T / (C*H*W), X = x as (C, H*W)."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h * w)
+    return torch.bmm(x, x.transpose(1, 2)) / (c * h * w)
+
+
+def content_loss(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of feature maps, mean((y_hat - y)^2); y (any shape) is a constant."""
+    return torch.square(y_hat - y.detach()).mean()
+
+
+def style_loss(y_hat: torch.Tensor, gram_y: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of Gram matrices: mean((gram(y_hat) - gram_y)^2), y_hat (B, C, H, W), gram_y (B, C, C)."""
+    return torch.square(gram(y_hat) - gram_y.detach()).mean()
+
+
+def tv_loss(x: torch.Tensor) -> torch.Tensor:
+    """Total variation of an image x (B, C, H, W): 0.5 * (mean|x[h+1,w] - x[h,w]| + mean|x[h,w+1] - x[h,w]|)."""
+    return 0.5 * ((x[:, :, 1:, :] - x[:, :, :-1, :]).abs().mean()
+                  + (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean())
+
+
+@dataclass
+class Targets:
+    """What the synthesized image is pulled towards, computed once without gradients."""
+
+    content: dict[int, torch.Tensor]  # layer -> content feature map (1, C, H, W)
+    style_grams: dict[int, torch.Tensor]  # layer -> style Gram matrix (1, C, C)
+
+
+def _features(extractor: VGGFeatures, x: torch.Tensor, layers: Sequence[int], precision: str) -> dict[int, torch.Tensor]:
+    """Run the extractor; under bf16 only the VGG runs in bf16 and the maps come back as fp32."""
+    if precision == "bf16":
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            feats = extractor(x, layers)
+        return {i: f.float() for i, f in feats.items()}
+    return extractor(x, layers)
+
+
+def run_layers(cfg: StyleConfig) -> list[int]:
+    """Every layer a run reads, content and style, sorted: one forward serves both."""
+    return sorted(set(cfg.content_layers + cfg.style_layers))
+
+
+def compute_targets(extractor: VGGFeatures, content_x: torch.Tensor, style_x: torch.Tensor,
+                    cfg: StyleConfig) -> Targets:
+    """Content maps of `content_x` and style Grams of `style_x` (both (1, 3, H, W)), no grad."""
+    layers = run_layers(cfg)  # the same set as the optimisation uses: see VGGFeatures
+    with torch.no_grad():
+        c = _features(extractor, content_x, layers, cfg.precision)
+        s = _features(extractor, style_x, layers, cfg.precision)
+        return Targets({i: c[i] for i in cfg.content_layers}, {i: gram(s[i]) for i in cfg.style_layers})
+
+
+def weighted_losses(feats: dict[int, torch.Tensor], x: torch.Tensor, targets: Targets,
+                    cfg: StyleConfig) -> dict[str, torch.Tensor]:
+    """The one place the weights are applied: content, style and TV terms and their sum.
+
+    total = cw * sum_l content_loss(F_l(x), F_l(c)) + sw * sum_l style_loss(F_l(x), G_l(s)) + tw * tv_loss(x)
+    """
+    content = sum(content_loss(feats[i], targets.content[i]) for i in cfg.content_layers) * cfg.content_weight
+    style = sum(style_loss(feats[i], targets.style_grams[i]) for i in cfg.style_layers) * cfg.style_weight
+    tv = tv_loss(x) * cfg.tv_weight
+    return {"content": content, "style": style, "tv": tv, "total": content + style + tv}
+
+
+def distances(image, content_img, style_img, extractor: VGGFeatures, size: Sequence[int] = (300, 450),
+              content_layers: Sequence[int] = (25,), style_layers: Sequence[int] = (0, 5, 10, 19, 28),
+              precision: str = "fp32") -> dict[str, float]:
+    """UNWEIGHTED content, style and TV distances of a result at fixed layers, for comparing runs.
+
+    Each image (PIL or path) is preprocessed at `size`; returns
+    {"content": sum_l content_loss, "style": sum_l style_loss, "tv": tv_loss}, no weights,
+    so a sweep over the loss weights can rank its trials on one scale.
+    """
+    cfg = StyleConfig(content_layers=list(content_layers), style_layers=list(style_layers), size=list(size),
+                      content_weight=1.0, style_weight=1.0, tv_weight=1.0, precision=precision)
+    dev = next(extractor.parameters()).device
+    x, c, s = (preprocess(load_image(im), size).to(dev) for im in (image, content_img, style_img))
+    targets = compute_targets(extractor, c, s, cfg)
+    with torch.no_grad():
+        losses = weighted_losses(_features(extractor, x, run_layers(cfg), precision), x, targets, cfg)
+    return {k: float(losses[k]) for k in ("content", "style", "tv")}
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+ProgressFn = Callable[[dict], None]
+
+
+def _optimize(x: torch.Tensor, extractor: VGGFeatures, targets: Targets, cfg: StyleConfig,
+              progress: ProgressFn | None, history: list[dict], scale_index: int) -> torch.Tensor:
+    """Optimise image x (1, 3, H, W) in place; append one record per loss evaluation.
+
+    Adam: `cfg.steps` steps, one evaluation each, StepLR after each. L-BFGS: at most
+    `cfg.steps` evaluations, strong-Wolfe line search (without it the first steps diverge).
+    """
+    x.requires_grad_(True)
+    layers = run_layers(cfg)
+    t0 = time.perf_counter()
+
+    def evaluate() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        losses = weighted_losses(_features(extractor, x, layers, cfg.precision), x, targets, cfg)
+        losses["total"].backward()
+        rec = {"scale": scale_index, "size": list(x.shape[-2:]), "step": len(history),
+               "lr": opt.param_groups[0]["lr"], "time_s": time.perf_counter() - t0,
+               **{k: v.item() for k, v in losses.items()}}
+        history.append(rec)
+        if not math.isfinite(rec["total"]):
+            raise FloatingPointError(f"loss became {rec['total']} at step {rec['step']}: lower lr or weights")
+        if progress is not None:
+            progress(rec)
+        return losses["total"]
+
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam([x], lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, cfg.lr_decay_steps, cfg.lr_gamma)
+        for _ in range(cfg.steps):
+            evaluate()
+            opt.step()
+            sched.step()
+    elif cfg.steps > 0:
+        opt = torch.optim.LBFGS([x], lr=cfg.lbfgs_lr, max_iter=cfg.steps, max_eval=cfg.steps,
+                                history_size=cfg.lbfgs_history, line_search_fn="strong_wolfe")
+        opt.step(evaluate)
+    return x.detach()
+
+
+def stylize(content_img, style_img, cfg: StyleConfig | None = None, extractor: VGGFeatures | None = None,
+            progress: ProgressFn | None = None) -> tuple[Image.Image, list[dict]]:
+    """Paint `content_img` in the style of `style_img`; return (result image, per-step history).
+
+    Images are PIL images, paths or bytes. Pass a pre-built `extractor` (see `build_extractor`)
+    to reuse VGG across calls; it must reach max(layers). With several `cfg.scales` the
+    result of each scale, upsampled, seeds the next. `progress(record)` is called after every
+    step with {"scale", "size", "step", "lr", "time_s", "content", "style", "tv", "total"}
+    (weighted losses, evaluated before that step's update; for L-BFGS one record per
+    evaluation, line-search trials included).
+    """
+    cfg = (cfg or StyleConfig()).validate()
+    content = load_image(content_img, cfg.max_pixels, "content image")
+    style = load_image(style_img, cfg.max_pixels, "style image")
+    extractor = extractor if extractor is not None else build_extractor(cfg)
+    dev = next(extractor.parameters()).device
+    history: list[dict] = []
+    x = None
+    for k, s in enumerate(cfg.scales):
+        size = [max(1, round(v * s)) for v in cfg.size]
+        # the image stays NCHW-contiguous (L-BFGS flattens it); a channels_last VGG converts it
+        content_x = preprocess(content, size).to(dev)
+        style_x = preprocess(style, size).to(dev)
+        targets = compute_targets(extractor, content_x, style_x, cfg)
+        if x is not None:  # coarse-to-fine: the upsampled previous result seeds this scale
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        elif cfg.init == "content":
+            x = content_x.clone()
+        else:  # uniform noise in [0, 1] pixel space, normalized like an image
+            g = torch.Generator().manual_seed(cfg.seed)
+            noise = torch.rand(content_x.shape, generator=g)
+            mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+            x = ((noise - mean) / std).to(dev)
+        x = _optimize(x, extractor, targets, cfg, progress, history, k)
+    return postprocess(x), history
+
+
+def config_dict(cfg: StyleConfig) -> dict:
+    """Plain dict of the config, for JSON results and the Ray boundary."""
+    return dataclasses.asdict(cfg)
+
+
+if __name__ == "__main__":
+    from jobs.cli import run_cli
+    from jobs.style_cli import main
+
+    run_cli(main)

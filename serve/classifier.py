@@ -1,0 +1,112 @@
+"""ClassifierDeployment: the fine-tuned classifier behind dynamic batching.
+
+One request = one image's bytes. The replica decodes it with the safe loader of jobs/style.py,
+applies the artifact's own eval transform (`Preset.eval_transform`, the test-time transform of
+training), and `@serve.batch` stacks concurrent requests into one forward pass. A new artifact is
+swapped in through `user_config` (`reconfigure`), without restarting the replica.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from ray import serve
+
+from jobs.artifact import ArtifactError, load_artifact
+from jobs.style import ImageInputError, load_image
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment(max_ongoing_requests=32, health_check_period_s=10)
+class ClassifierDeployment:
+    """Serves one artifact; `user_config` = {"artifact", "max_batch_size", "batch_wait_timeout_s", "max_pixels"}.
+
+    Keys missing from `user_config` take the values in `defaults` (the application's own), so a
+    config override may name just the new artifact.
+    """
+
+    def __init__(self, threads: int = 1, use_gpu: bool = False, defaults: dict | None = None):
+        # one replica per CPU share: more torch threads than cores only adds contention
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.defaults = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01, "max_pixels": 40_000_000,
+                         **(defaults or {})}
+        self.state = None  # (model, classes, transform, info), swapped as one tuple
+        self.max_pixels = self.defaults["max_pixels"]
+        self.batching: dict = {}
+        self.failures = 0  # consecutive forward failures not caused by the input
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Load the artifact named in `user_config` and swap it in; batching knobs apply at once.
+
+        Loading happens before the swap, so requests keep using the old model until the new one
+        is ready; a bad artifact raises and Serve keeps the replica on its previous config.
+        """
+        user_config = {**self.defaults, **user_config}
+        if not user_config.get("artifact"):
+            raise ValueError("user_config needs 'artifact': the model artifact directory")
+        path = os.path.abspath(user_config["artifact"])
+        info = dict(self.state[3]) if self.state and self.state[3]["artifact"] == path else None
+        if info is None:
+            try:
+                model, classes, preset, manifest = load_artifact(path, self.device)
+            except ArtifactError as e:
+                raise ValueError(str(e)) from None
+            if self.device.type == "cuda":
+                model = model.to(memory_format=torch.channels_last)
+            info = {"artifact": path, "arch": manifest["arch"], "classes": classes,
+                    "preset": preset.to_dict(), "metrics": manifest.get("metrics", {}),
+                    "created": manifest.get("created")}
+            self.state = (model, classes, preset.eval_transform(), info)
+            log.info("classifier: serving %s (%s, %d classes)", path, manifest["arch"], len(classes))
+        self.max_pixels = int(user_config["max_pixels"])
+        self.batching = {"max_batch_size": int(user_config["max_batch_size"]),
+                         "batch_wait_timeout_s": float(user_config["batch_wait_timeout_s"])}
+        self.predict.set_max_batch_size(self.batching["max_batch_size"])
+        self.predict.set_batch_wait_timeout_s(self.batching["batch_wait_timeout_s"])
+
+    async def classify(self, data: bytes) -> dict:
+        """Image bytes -> {"label", "score", "probabilities"}; unusable input -> {"error", "status"}.
+
+        Errors are returned, not raised: a bad image is the caller's fault, not the replica's.
+        """
+        _, _, transform, _ = self.state
+        try:
+            x = transform(load_image(data, self.max_pixels, "image"))  # (3, crop, crop)
+        except ImageInputError as e:
+            return {"error": str(e), "status": 422}
+        return await self.predict(x)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def predict(self, xs: list[torch.Tensor]) -> list[dict]:
+        """Batched forward: N tensors (3, crop, crop) -> N answers, softmax over the artifact's classes."""
+        model, classes, _, _ = self.state  # one snapshot per batch: a swap never mixes models
+        x = torch.stack(xs).to(self.device)  # (N, 3, crop, crop)
+        try:
+            with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+                if self.device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                probs = torch.softmax(model(x).float(), dim=1).cpu()  # (N, num_classes)
+        except RuntimeError:
+            self.failures += 1
+            raise
+        self.failures = 0
+        out = []
+        for p in probs:
+            i = int(p.argmax())
+            out.append({"label": classes[i], "score": float(p[i]),
+                        "probabilities": {c: float(v) for c, v in zip(classes, p)}})
+        return out
+
+    def info(self) -> dict:
+        """What is being served: artifact path, architecture, classes, preset, metrics, batching."""
+        return {**self.state[3], **self.batching, "max_pixels": self.max_pixels, "device": str(self.device)}
+
+    def check_health(self) -> None:
+        """Unhealthy (Serve replaces the replica) without a model or after repeated forward failures."""
+        if self.state is None:
+            raise RuntimeError("no model loaded")
+        if self.failures >= 3:
+            raise RuntimeError(f"{self.failures} forward passes failed in a row")

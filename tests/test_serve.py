@@ -1,0 +1,478 @@
+"""Ray Serve end to end: real Serve on a local Ray (one instance for the module), real HTTP.
+
+The classifier serves a tiny CIFAR ResNet-18 trained here for a few steps to tell red images
+from blue ones; the style pool uses random VGG weights at 16x16 pixels.
+"""
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+import torch
+import yaml
+from PIL import Image
+from ray import serve
+
+from jobs.artifact import load_artifact, save_artifact
+from jobs.models import build_model
+from jobs.presets import Preset
+from serve.app import build_app
+from serve.config import config_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+PORT = 18010
+URL = f"http://127.0.0.1:{PORT}"
+CHROMIUM = "/usr/bin/chromium"
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def png(color, size=(24, 20), noise=0) -> bytes:
+    """A PNG of one colour (plus optional noise, which makes it compress badly)."""
+    img = Image.new("RGB", size, color)
+    if noise:
+        g = torch.Generator().manual_seed(noise)
+        arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+        img = Image.fromarray(arr)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bomb_png(width=60000, height=60000) -> bytes:
+    """A valid tiny PNG whose header claims width x height pixels (a decompression bomb's header)."""
+    data = bytearray(png((0, 0, 0), (1, 1)))
+    ihdr = 8 + 8  # signature, then length + "IHDR"
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12:ihdr + 13]))  # over "IHDR" + its 13 data bytes
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def colour_batch(n, generator):
+    """n images (n, 3, 16, 16) in [0, 1]: label 0 = reddish, 1 = bluish, with noise."""
+    labels = torch.randint(0, 2, (n,), generator=generator)
+    x = torch.rand(n, 3, 16, 16, generator=generator) * 0.4
+    x[labels == 0, 0] += 0.6
+    x[labels == 1, 2] += 0.6
+    return x, labels
+
+
+def train_red_blue(path):
+    """A tiny trained artifact: CIFAR ResNet-18 at 16 px telling red from blue (a few Adam steps)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = build_model("cifar_resnet18", 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(12):
+        x, y = colour_batch(32, g)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x, y = colour_batch(64, g)
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    return save_artifact(path, model.state_dict(), "cifar_resnet18", ["red", "blue"], Preset.plain(16),
+                         {"test_acc": acc})
+
+
+def local_probabilities(artifact, data: bytes) -> dict:
+    """What serving must answer: the artifact's model on its own eval transform, computed here."""
+    model, classes, preset, _ = load_artifact(artifact)
+    x = preset.eval_transform()(Image.open(io.BytesIO(data)).convert("RGB"))
+    with torch.no_grad():
+        p = torch.softmax(model(x[None]), 1)[0]
+    return dict(zip(classes, p.tolist()))
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def deploy(args: dict, classifier_user_config: dict | None = None) -> None:
+    """Deploy the app from a config, exactly as `serve deploy serve/config.yaml` does.
+
+    Declarative on purpose: Serve keeps the running replicas when a new config changes only a
+    deployment's user_config (the hot swap); `serve.run(app)` would replace every replica.
+    (The Python API has no public call for this; the `serve` CLI uses the same client method.)
+    """
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    app = {"name": "raycv", "route_prefix": "/", "import_path": "serve.app:build_app", "args": args,
+           "runtime_env": {"env_vars": {"PYTHONPATH": str(ROOT)}}}
+    if classifier_user_config:
+        app["deployments"] = [{"name": "ClassifierDeployment", "user_config": classifier_user_config}]
+    schema = ServeDeploySchema.model_validate({"http_options": {"host": "127.0.0.1", "port": PORT},
+                                               "applications": [app]})
+    _get_global_client().deploy_apps(schema)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    art_a = train_red_blue(tmp / "a")
+    torch.manual_seed(1)
+    art_b = save_artifact(tmp / "b", build_model("cifar_resnet18", 3).state_dict(), "cifar_resnet18",
+                          ["x", "y", "z"], Preset.plain(16))
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024**2)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    cfg = dict(classifier=str(art_a), max_batch_size=4, classifier_cpus=0.25, style_weights="random",
+               style_cpus=0.25, max_style_jobs=3, sync_max_size=32 * 32, sync_timeout_s=4.0, max_body_mb=1.0,
+               max_pixels=1_000_000, style_max_steps=5000, job_max_attempts=2, job_lease_s=60.0)
+    deploy(cfg)
+    with httpx.Client(base_url=URL, timeout=60) as client:
+        deadline = time.time() + 240  # replicas start in seconds, but the machine may be busy
+        while True:
+            try:
+                if client.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, f"the app did not start: {serve.status()}"
+            time.sleep(0.5)
+        yield {"client": client, "cfg": cfg, "a": art_a, "b": art_b, "tmp": tmp}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture
+def client(server):
+    return server["client"]
+
+
+def wait_job(client, job_id, until, timeout=60):
+    """Poll a job until `until(job)` holds; return the job."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/style/jobs/{job_id}").json()
+        if until(job):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never reached the expected state: {job}")
+
+
+def style_files(options=None, content=None, style=None):
+    files = {"content": ("c.png", content or png((200, 40, 40), noise=1), "image/png"),
+             "style": ("s.png", style or png((40, 40, 200), noise=2), "image/png")}
+    data = {"options": json.dumps(options)} if options is not None else {}
+    return {"files": files, "data": data}
+
+
+def replica_actor(deployment):
+    """The (single) live replica actor of `deployment` in app raycv."""
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::raycv#{deployment}#")]
+    assert len(names) == 1, names
+    return names[0], ray.get_actor(names[0], namespace="serve")
+
+
+# ----------------------------------------------------------------------------- classifier
+
+
+def test_classify_round_trip_raw_and_multipart(server, client):
+    red, blue = png((220, 30, 30)), png((30, 30, 220))
+    r = client.post("/classify", content=red, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert set(out) == {"label", "score", "probabilities"}
+    assert out["label"] == "red" and out["score"] == max(out["probabilities"].values())
+    assert sum(out["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    # serving equals the artifact's own eval transform + model, computed locally
+    for name, p in local_probabilities(server["a"], red).items():
+        assert out["probabilities"][name] == pytest.approx(p, abs=1e-5)
+    r = client.post("/classify", files={"file": ("b.png", blue, "image/png")})
+    assert r.status_code == 200 and r.json()["label"] == "blue"
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["classifier"]["classes"] == ["red", "blue"]
+    assert health["classifier"]["max_batch_size"] == 4
+
+
+def test_concurrent_requests_are_batched_and_all_answered(client):
+    images = [png((220, 30, 30)) if i % 2 else png((30, 30, 220)) for i in range(16)]
+    out = [None] * len(images)
+
+    def call(i):
+        out[i] = client.post("/classify", content=images[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in out] == [200] * len(images)
+    assert [r.json()["label"] for r in out] == ["red" if i % 2 else "blue" for i in range(len(images))]
+
+
+def test_hot_reload_swaps_the_model_without_downtime(server, client):
+    before, _ = replica_actor("ClassifierDeployment")
+    red = png((220, 30, 30))
+    codes, stop = [], threading.Event()
+
+    def hammer():
+        with httpx.Client(base_url=URL, timeout=30) as c:
+            while not stop.is_set():
+                codes.append(c.post("/classify", content=red).status_code)
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        deploy(server["cfg"], {"artifact": str(server["b"])})  # only the classifier's user_config changes
+        deadline = time.time() + 60
+        while client.post("/classify", content=red).json()["label"] not in ("x", "y", "z"):
+            assert time.time() < deadline, "the new artifact was never served"
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        t.join()
+    out = client.post("/classify", content=red).json()
+    for name, p in local_probabilities(server["b"], red).items():
+        assert out["probabilities"][name] == pytest.approx(p, abs=1e-5)
+    assert codes and set(codes) == {200}, f"requests failed during the swap: {set(codes)}"
+    after, _ = replica_actor("ClassifierDeployment")
+    assert after == before, "the replica was restarted instead of reconfigured"
+    info = client.get("/healthz").json()["classifier"]
+    assert info["classes"] == ["x", "y", "z"] and info["max_batch_size"] == 4  # unchanged knobs kept
+    deploy(server["cfg"], {"artifact": str(server["a"])})  # back to the red/blue model
+    deadline = time.time() + 60
+    while client.post("/classify", content=red).json()["label"] != "red":
+        assert time.time() < deadline
+        time.sleep(0.2)
+
+
+# ----------------------------------------------------------------------------- style jobs
+
+
+def test_style_job_lifecycle(client):
+    r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 30}))
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    assert r.headers["location"] == f"/style/jobs/{job_id}"
+    seen = []
+    job = wait_job(client, job_id, lambda j: seen.append(j["status"]) or j["status"] in ("done", "failed"))
+    assert job["status"] == "done", job
+    assert job["attempt"] == 1 and job["error"] is None
+    p = job["progress"]
+    assert p["step"] == 29 and p["steps"] == 30 and all(p[k] >= 0 for k in ("content", "style", "tv"))
+    assert job["summary"]["steps"] == 30
+    res = client.get(f"/style/jobs/{job_id}/result")
+    assert res.status_code == 200 and res.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(res.content)).size == (16, 16)
+    assert client.get("/style/jobs/nope").status_code == 404
+    assert client.get("/style/jobs/nope/result").status_code == 404
+
+
+def test_style_sync_small_answers_png_and_408_past_the_timeout(client):
+    r = client.post("/style", **style_files({"size": [16, 16], "steps": 5}))
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+    assert Image.open(io.BytesIO(r.content)).size == (16, 16)
+    r = client.post("/style", **style_files({"size": [32, 32], "steps": 5000}))
+    assert r.status_code == 408, r.text
+    job = wait_job(client, r.json()["job"], lambda j: j["status"] != "running", timeout=10)
+    assert job["status"] == "cancelled"  # the pool is freed, not left computing for nobody
+    r = client.post("/style", **style_files({"size": [64, 64], "steps": 5}))
+    assert r.status_code == 422 and "POST /style/jobs" in r.json()["error"]
+
+
+def test_queue_full_gives_503_with_retry_after_at_once(client):
+    ids = []
+    for _ in range(3):  # max_style_jobs = 3: one runs, two wait
+        r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 5000}))
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    t0 = time.perf_counter()
+    r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 5}))
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+    assert time.perf_counter() - t0 < 2.0 and "full" in r.json()["error"]
+    assert client.get(f"/style/jobs/{ids[2]}").json()["queue_position"] == 1
+    for i in ids:
+        assert client.delete(f"/style/jobs/{i}").json()["status"] == "cancelled"
+    assert client.get(f"/style/jobs/{ids[0]}/result").status_code == 409
+    r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 5}))
+    assert r.status_code == 202
+    assert wait_job(client, r.json()["id"], lambda j: j["status"] in ("done", "failed"))["status"] == "done"
+
+
+def test_a_job_whose_replica_dies_is_retried_then_marked_failed(client):
+    r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 5000}))
+    job_id = r.json()["id"]
+    for attempt in (1, 2):
+        job = wait_job(client, job_id, lambda j: j["status"] == "running" and j["attempt"] == attempt
+                       and j["progress"] is not None, timeout=90)
+        name, actor = replica_actor("StylePool")
+        assert name.endswith(job["replica"])
+        ray.kill(actor, no_restart=True)  # Serve starts a replacement replica
+        if attempt == 1:
+            job = wait_job(client, job_id, lambda j: j["attempt"] == 2, timeout=30)
+            assert "replica died" in job["retried_because"]
+    job = wait_job(client, job_id, lambda j: j["status"] == "failed", timeout=30)
+    assert "gave up after 2 attempt" in job["error"]
+    # the replacement replica serves new jobs
+    r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 3}))
+    assert wait_job(client, r.json()["id"], lambda j: j["status"] in ("done", "failed"), 90)["status"] == "done"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def truncated_png() -> bytes:
+    data = png((0, 0, 0), (64, 64), noise=3)
+    return data[: len(data) // 2]
+
+
+BAD_CLASSIFY = {
+    "non-image bytes": (dict(content=b"this is not an image"), 422),
+    "truncated image": (dict(content=truncated_png()), 422),
+    "decompression bomb header": (dict(content=bomb_png()), 422),
+    "too many pixels": (dict(content=png((1, 2, 3), (1100, 1000))), 422),
+    "empty body": (dict(content=b""), 400),
+    "wrong field name": (dict(files={"image": ("a.png", png((1, 2, 3)), "image/png")}), 422),
+    "field is text not file": (dict(data={"file": "hello"}, files={"other": ("x", b"1")}), 422),
+    "oversized body": (dict(content=b"\0" * (1024 * 1024 + 1)), 413),
+    "oversized chunked body": (dict(content=iter([b"\0" * 600_000, b"\0" * 600_000])), 413),
+    "malformed multipart": (dict(content=b"--xyz\r\nnonsense", headers={"content-type": "multipart/form-data; boundary=xyz"}), 400),
+}
+
+BAD_STYLE = {
+    "unknown option": ({"sizes": [16, 16]}, 422),
+    "server-fixed option": ({"weights": "imagenet"}, 422),
+    "negative steps": ({"steps": -1}, 422),
+    "too many steps": ({"steps": 10**6}, 422),
+    "fractional steps": ({"steps": 2.5}, 422),
+    "size too large": ({"size": [2000, 2000]}, 422),
+    "size not a pair": ({"size": [16]}, 422),
+    "size not numbers": ({"size": "big"}, 422),
+    "unknown optimizer": ({"optimizer": "sgd"}, 422),
+    "infinite weight": ({"style_weight": float("inf")}, 422),
+    "bad layer": ({"style_layers": [99]}, 422),
+    "options not an object": ([1, 2], 422),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CLASSIFY))
+def test_bad_classify_input_is_a_4xx_json(client, case):
+    kwargs, status = BAD_CLASSIFY[case]
+    r = client.post("/classify", **kwargs)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]
+
+
+@pytest.mark.parametrize("case", list(BAD_STYLE))
+def test_bad_style_options_are_a_422(client, case):
+    options, status = BAD_STYLE[case]
+    r = client.post("/style/jobs", **style_files(options))
+    assert r.status_code == status, r.text
+    assert r.json()["error"]
+
+
+def test_bad_style_requests_are_4xx(client):
+    bad = [
+        (dict(**style_files({}, content=b"GIF89a nonsense")), 422),
+        (dict(**style_files({}, style=bomb_png())), 422),
+        (dict(files={"content": ("c.png", png((1, 2, 3)))}), 422),  # style missing
+        (dict(files={**style_files({})["files"], "extra": ("e", b"1")}), 422),
+        (dict(**style_files(None), data={"options": "{not json"}), 422),
+        (dict(content=png((1, 2, 3))), 415),
+        (dict(content=b""), 400),
+    ]
+    for kwargs, status in bad:
+        r = client.post("/style/jobs", **kwargs)
+        assert r.status_code == status, (kwargs.keys(), r.text)
+        assert r.json()["error"]
+    assert client.post("/style/jobs/abc").status_code == 405
+
+
+def test_replicas_survive_bad_input(client):
+    """After every bad request above, the same replicas still answer correctly."""
+    assert client.get("/healthz").json()["status"] == "ok"
+    assert client.post("/classify", content=png((220, 30, 30))).json()["label"] == "red"
+
+
+# ----------------------------------------------------------------------------- page, docs, config, CLI
+
+
+def test_openapi_docs(client):
+    spec = client.get("/openapi.json").json()
+    for path in ("/classify", "/style/jobs", "/style/jobs/{job_id}", "/style/jobs/{job_id}/result", "/style",
+                 "/healthz"):
+        assert path in spec["paths"]
+    assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} absent (apt-get install chromium)")
+def test_web_page_in_headless_chromium(server, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    red, content, style = tmp_path / "red.png", tmp_path / "content.png", tmp_path / "style.png"
+    red.write_bytes(png((220, 30, 30), (40, 30)))
+    content.write_bytes(png((200, 40, 40), noise=1))
+    style.write_bytes(png((40, 40, 200), noise=2))
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(URL + "/")
+            page.set_input_files("#classify-file", str(red))
+            page.click("#classify-submit")
+            page.wait_for_function("document.getElementById('label').textContent.length > 0", timeout=30_000)
+            assert page.text_content("#label") == "red"
+            assert "red" in page.text_content("#probabilities")
+            # stylize: submit, watch the progress, see the image
+            page.set_input_files("#content-file", str(content))
+            page.set_input_files("#style-file", str(style))
+            page.fill("#height", "16")
+            page.fill("#width", "16")
+            page.fill("#steps", "20")
+            page.click("#style-submit")
+            page.wait_for_selector("#style-result:not([hidden])", timeout=60_000)
+            assert "done" in page.text_content("#style-status")
+            assert page.evaluate("document.getElementById('style-result').naturalWidth") == 16
+            assert page.evaluate("document.getElementById('style-progress').value") == 20
+        finally:
+            browser.close()
+
+
+def test_config_yaml_is_a_valid_serve_config(server):
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(raw)
+    assert schema.http_options.host == "127.0.0.1"
+    (application,) = raw["applications"]
+    assert application["import_path"] == "serve.app:build_app" and application["route_prefix"] == "/"
+    args = {**application["args"], "classifier": str(server["a"])}
+    assert config_from_dict(args).style_weights == application["args"]["style_weights"]
+    assert build_app(args) is not None
+
+
+def run_cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "serve", *args], capture_output=True, text=True, env=env,
+                          timeout=60, cwd=ROOT)
+
+
+def test_cli_user_errors_are_one_line(server, tmp_path):
+    r = run_cli("--classifier", str(tmp_path / "missing"))
+    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    assert "not a model artifact" in r.stderr
+    r = run_cli("--classifier", str(server["a"]), "--max-batch-size", "0")
+    assert r.returncode == 2 and "max_batch_size must be >= 1" in r.stderr
+    r = run_cli("--classifier", str(server["a"]), "--style-weights", str(tmp_path / "nope.pt"))
+    assert r.returncode == 2 and "weights must be imagenet, random or a state-dict file" in r.stderr
+    assert "--style-replicas" in run_cli("--help").stdout
