@@ -50,17 +50,23 @@ class TrainSetup:
     loss_fn: nn.Module = field(default_factory=nn.CrossEntropyLoss)
     lr_at: Callable[[int], float] | None = None  # step -> lr multiplier, applied to every group's base lr
     meta: dict[str, Any] = field(default_factory=dict)
+    # a job that is not classification: (model, x, labels) -> (mean loss, {name: SUM over the batch's examples});
+    # the loop then reports train_/test_<name> (per-example means) instead of accuracy. None: loss_fn(model(x), labels)
+    step_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
+    # on rank 0 after each epoch's evaluation: (unwrapped model, epoch index), e.g. to write a preview sheet
+    after_epoch: Callable[[nn.Module, int], None] | None = None
 
 
 # ----------------------------------------------------------------------------- the loop
 
 def train_one_epoch(model, optimizer, loss_fn, batches: Batches, prepare, generator, device,
-                    step0: int = 0, lr_at=None, scaler=None, amp_dtype=None, log=None) -> dict[str, float]:
-    """One pass over this rank's shard. Returns sums (loss, correct, count) for cross-rank reduction."""
+                    step0: int = 0, lr_at=None, scaler=None, amp_dtype=None, log=None, step_loss=None) -> dict[str, float]:
+    """One pass over this rank's shard. Returns sums (loss, correct, count; step_loss's metrics) for cross-rank reduction."""
     model.train()
     base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
+    sums: dict[str, torch.Tensor] = {}
     count, step = 0, step0
     for i, (images, labels) in enumerate(batches):
         if lr_at is not None:
@@ -68,8 +74,11 @@ def train_one_epoch(model, optimizer, loss_fn, batches: Batches, prepare, genera
                 g["lr"] = lr * lr_at(step)
         x = prepare(images, True, generator)
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            logits = model(x)
-            loss = loss_fn(logits, labels)
+            if step_loss is None:
+                logits = model(x)
+                loss = loss_fn(logits, labels)
+            else:
+                loss, batch_sums = step_loss(model, x, labels)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -80,29 +89,58 @@ def train_one_epoch(model, optimizer, loss_fn, batches: Batches, prepare, genera
             optimizer.step()
         # accumulate on the device: no host sync per step
         loss_sum += loss.detach().float() * labels.numel()
-        correct += (logits.argmax(1) == labels).sum()
+        if step_loss is None:
+            correct += (logits.argmax(1) == labels).sum()
+        else:
+            _add_sums(sums, batch_sums)
         count += labels.numel()
         step += 1
         if log is not None:
             log(i + 1, loss_sum, count)
-    return {"loss_sum": loss_sum, "correct": correct, "count": count, "steps": step - step0}
+    return {"loss_sum": loss_sum, "correct": correct, "count": count, "steps": step - step0, **sums}
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, batches: Batches, prepare, device, amp_dtype=None) -> dict[str, Any]:
-    """Loss and accuracy sums over this rank's test shard (the unwrapped model: no DDP collectives)."""
+def evaluate(model, loss_fn, batches: Batches, prepare, device, amp_dtype=None, step_loss=None) -> dict[str, Any]:
+    """Loss and accuracy (or step_loss's metric) sums over this rank's test shard (the unwrapped model: no DDP collectives)."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
+    sums: dict[str, torch.Tensor] = {}
     count = 0
     for images, labels in batches:
         x = prepare(images, False, None)
+        if step_loss is not None:
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                loss, batch_sums = step_loss(model, x, labels)
+            loss_sum += loss.float() * labels.numel()
+            _add_sums(sums, batch_sums)
+            count += labels.numel()
+            continue
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
             logits = model(x)
         loss_sum += loss_fn(logits.float(), labels) * labels.numel()
         correct += (logits.argmax(1) == labels).sum()
         count += labels.numel()
-    return {"loss_sum": loss_sum, "correct": correct, "count": count}
+    return {"loss_sum": loss_sum, "correct": correct, "count": count, **sums}
+
+
+def _add_sums(sums: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
+    """sums[k] += batch[k] (detached, fp32), on the device: no host sync per step."""
+    for k, v in batch.items():
+        v = v.detach().float()
+        sums[k] = sums[k] + v if k in sums else v
+
+
+def epoch_means(split: str, sums: dict[str, float], classification: bool) -> dict[str, float]:
+    """Reduced sums -> per-example means: {split_loss, split_acc} or {split_loss, split_<metric>...}."""
+    n = max(sums["count"], 1)
+    out = {f"{split}_loss": sums["loss_sum"] / n}
+    if classification:
+        out[f"{split}_acc"] = sums["correct"] / n
+    else:
+        out.update({f"{split}_{k}": v / n for k, v in sums.items() if k not in ("loss_sum", "correct", "count", "steps")})
+    return out
 
 
 def all_reduce_sums(values: dict[str, Any], device) -> dict[str, float]:
@@ -157,25 +195,31 @@ def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
         if fail_epoch == epoch and rank == world - 1:
             log = _fail_after_first_batch(log)
         train = train_one_epoch(ddp_model, setup.optimizer, setup.loss_fn, setup.train_batches(epoch), setup.prepare,
-                                g, device, epoch * setup.steps_per_epoch, setup.lr_at, scaler, amp_dtype, log)
+                                g, device, epoch * setup.steps_per_epoch, setup.lr_at, scaler, amp_dtype, log,
+                                setup.step_loss)
         train_time = time.perf_counter() - t0
         train = all_reduce_sums(train, device)
-        test = all_reduce_sums(evaluate(model, setup.loss_fn, setup.test_batches(), setup.prepare, device, amp_dtype), device)
+        test = all_reduce_sums(evaluate(model, setup.loss_fn, setup.test_batches(), setup.prepare, device, amp_dtype,
+                                        setup.step_loss), device)
+        classification = setup.step_loss is None
         metrics = {
             "epoch": epoch + 1,
-            "train_loss": train["loss_sum"] / max(train["count"], 1),
-            "train_acc": train["correct"] / max(train["count"], 1),
-            "test_loss": test["loss_sum"] / max(test["count"], 1),
-            "test_acc": test["correct"] / max(test["count"], 1),
+            **epoch_means("train", train, classification),
+            **epoch_means("test", test, classification),
             "examples_per_sec": train["count"] / train_time,
             "epoch_time_s": time.perf_counter() - t0,
             "lr": setup.optimizer.param_groups[0]["lr"],
         }
         history.append(metrics)
-        if rank == 0:
+        if rank == 0 and classification:
             print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.3f}  train acc "
                   f"{metrics['train_acc']:.3f}  test acc {metrics['test_acc']:.3f}  "
                   f"{metrics['examples_per_sec']:.0f} examples/s", flush=True)
+        elif rank == 0:
+            parts = "  ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in metrics.items() if k.startswith(("train_", "test_")))
+            print(f"epoch {epoch + 1}/{cfg.epochs}  {parts}  {metrics['examples_per_sec']:.1f} examples/s", flush=True)
+        if rank == 0 and setup.after_epoch is not None:
+            setup.after_epoch(model, epoch)
         _report(metrics, model, setup, cfg, epoch, history, rank)
     return history
 
@@ -310,7 +354,7 @@ def write_outputs(out: Path, summary: dict[str, Any]) -> None:
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Train loss and train/test accuracy per epoch, as the reference plots them."""
+    """Train loss and train/test accuracy per epoch, as the reference plots them (train/test loss without accuracy)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -319,8 +363,11 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
-    ax.plot(epochs, [h["train_acc"] for h in history], "--", label="train acc")
-    ax.plot(epochs, [h["test_acc"] for h in history], "-.", label="test acc")
+    if "train_acc" in history[0]:
+        ax.plot(epochs, [h["train_acc"] for h in history], "--", label="train acc")
+        ax.plot(epochs, [h["test_acc"] for h in history], "-.", label="test acc")
+    else:
+        ax.plot(epochs, [h["test_loss"] for h in history], "-.", label="test loss")
     ax.set_xlabel("epoch")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
