@@ -53,6 +53,7 @@ class TrainSetup:
     # a job that is not classification: (model, x, labels) -> (mean loss, {name: SUM over the batch's examples});
     # the loop then reports train_/test_<name> (per-example means) instead of accuracy. None: loss_fn(model(x), labels)
     step_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
+    metric_names: tuple[str, ...] = ()  # the names step_loss returns: reduced on every rank, even one without batches
     # on rank 0 after each epoch's evaluation: (unwrapped model, epoch index), e.g. to write a preview sheet
     after_epoch: Callable[[nn.Module, int], None] | None = None
 
@@ -198,9 +199,10 @@ def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
                                 g, device, epoch * setup.steps_per_epoch, setup.lr_at, scaler, amp_dtype, log,
                                 setup.step_loss)
         train_time = time.perf_counter() - t0
-        train = all_reduce_sums(train, device)
-        test = all_reduce_sums(evaluate(model, setup.loss_fn, setup.test_batches(), setup.prepare, device, amp_dtype,
-                                        setup.step_loss), device)
+        zeros = dict.fromkeys(setup.metric_names, 0.0)  # every rank must reduce the same keys
+        train = all_reduce_sums({**zeros, **train}, device)
+        test = all_reduce_sums({**zeros, **evaluate(model, setup.loss_fn, setup.test_batches(), setup.prepare, device,
+                                                    amp_dtype, setup.step_loss)}, device)
         classification = setup.step_loss is None
         metrics = {
             "epoch": epoch + 1,

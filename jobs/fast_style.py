@@ -95,7 +95,7 @@ def load_content_images(source: str, root: str, image_size: int, limit_train: in
 
     ImageFolder trees, cifar10 and synthetic go through jobs.data (resized to S x S). Any other
     folder or .zip is a flat collection (COCO): every image, shorter side resized to S then
-    centre-cropped, the last 2% (1..500) held out for validation; decoded once and cached.
+    centre-cropped, the last 2% (8..500, at most half) held out for validation; decoded once and cached.
     """
     if source in ("cifar10", "synthetic") or source.startswith("synthetic:"):
         return load_image_data(source, root, image_size)
@@ -108,7 +108,7 @@ def load_content_images(source: str, root: str, image_size: int, limit_train: in
             return load_image_data(str(path), root, image_size)
         if not names:
             raise UserError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        n_val = min(max(1, len(names) // 50), 500)
+        n_val = min(max(8, len(names) // 50), 500, len(names) // 2)
         train_names, val_names = names[:-n_val] or names, names[-n_val:]
         train_names = train_names[:limit_train] if limit_train else train_names
 
@@ -251,6 +251,7 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> eng
         train_batches=train_batches, test_batches=test_batches, prepare=prepare,
         num_train=n_train, steps_per_epoch=num_batches(n_train // world, per_rank_batch),
         step_loss=lambda m, x, labels: perceptual_step(m, extractor, grams, scfg, x),
+        metric_names=("content", "style", "tv"),
         after_epoch=after_epoch,
         meta={"kind": "fast_style", "style_name": cfg.style_name, "style": cfg.style, "image_size": cfg.image_size},
     )
