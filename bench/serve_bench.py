@@ -1,0 +1,261 @@
+"""Closed-loop load test of the classifier over loopback HTTP: Serve batched vs unbatched vs plain FastAPI.
+
+    flock -x /tmp/heavy.lock python bench/serve_bench.py            # about 10 minutes on 2 cores
+
+One run starts, side by side on one machine:
+  - "serve-batched":   the real service (serve.app:build_app, style pool off), @serve.batch up to 16;
+  - "serve-unbatched": the same with max_batch_size 1;
+  - "plain-fastapi":   what a user would otherwise write: one uvicorn process, FastAPI, the same
+                       artifact and eval transform, one forward per request (see `plain_app`).
+Each gets the same model (ResNet-18 at 224x224 by default, random weights: speed only) and
+the same JPEG. For concurrency 1, 8, 32 a closed loop of C clients sends requests back to
+back, bounded by --requests-per-client and --max-seconds; the cells are interleaved and
+repeated --repeats times, the median is reported. Then an overload run at twice the
+batched service's capacity (ongoing + queued) counts the answers by status: the target is
+no errors other than 503.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+# ----------------------------------------------------------------------------- the plain server
+
+
+def plain_app(artifact: str, threads: int):
+    """The baseline: FastAPI + PyTorch as a tutorial writes it (decode, transform, forward, softmax)."""
+    import torch
+    from fastapi import FastAPI, Request
+    from PIL import Image
+
+    from jobs.artifact import load_artifact
+
+    torch.set_num_threads(threads)
+    model, classes, preset, _ = load_artifact(artifact)
+    transform = preset.eval_transform()
+    app = FastAPI()
+
+    @app.post("/classify")
+    async def classify(request: Request):
+        img = Image.open(io.BytesIO(await request.body())).convert("RGB")
+        with torch.inference_mode():
+            p = torch.softmax(model(transform(img)[None]), 1)[0]
+        i = int(p.argmax())
+        return {"label": classes[i], "score": float(p[i]), "probabilities": dict(zip(classes, p.tolist()))}
+
+    return app
+
+
+def run_plain_server(artifact: str, port: int, threads: int) -> None:
+    import uvicorn
+
+    uvicorn.run(plain_app(artifact, threads), host="127.0.0.1", port=port, log_level="warning")
+
+
+# ----------------------------------------------------------------------------- load generator
+
+
+async def closed_loop(url: str, body: bytes, concurrency: int, per_client: int, max_seconds: float,
+                      backoff_503_s: float = 0.0) -> dict:
+    """C clients, each sending its next request when the previous answer arrives.
+
+    Stops after per_client requests per client or max_seconds. Returns req/s (2xx only),
+    latency percentiles of 2xx answers, and counts by status ("transport" = no HTTP answer).
+    """
+    import httpx
+
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    deadline = time.perf_counter() + max_seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+        async def worker():
+            for _ in range(per_client):
+                if time.perf_counter() > deadline:
+                    return
+                t = time.perf_counter()
+                try:
+                    r = await client.post(url, content=body, headers={"content-type": "image/jpeg"})
+                    key = str(r.status_code)
+                except httpx.HTTPError as e:
+                    key = f"transport:{type(e).__name__}"
+                statuses[key] = statuses.get(key, 0) + 1
+                if key == "200":
+                    latencies.append(time.perf_counter() - t)
+                elif key == "503" and backoff_503_s:
+                    await asyncio.sleep(backoff_503_s)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    latencies.sort()
+
+    def pct(q):
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
+
+    return {"ok": len(latencies), "wall_s": wall, "rps": len(latencies) / wall, "p50_ms": pct(0.5),
+            "p99_ms": pct(0.99), "statuses": statuses}
+
+
+def wait_http(url: str, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} did not come up in {timeout} s")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def make_inputs(tmp: Path, arch: str, crop: int, image: str | None) -> tuple[Path, bytes]:
+    import torch
+    from PIL import Image
+
+    from jobs.artifact import save_artifact
+    from jobs.models import build_model
+    from jobs.presets import Preset
+
+    torch.manual_seed(0)
+    preset = Preset.imagenet(crop) if arch == "resnet18" else Preset.plain(crop)
+    art = save_artifact(tmp / "model", build_model(arch, 2).state_dict(), arch, ["hotdog", "not-hotdog"], preset)
+    if image:
+        body = Path(image).read_bytes()
+    else:  # a 320x240 photo-sized JPEG of noise
+        g = torch.Generator().manual_seed(0)
+        arr = (torch.rand(240, 320, 3, generator=g) * 255).to(torch.uint8).numpy()
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+        body = buf.getvalue()
+    return art, body
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="resnet18", choices=["resnet18", "cifar_resnet18"], help="model architecture")
+    p.add_argument("--crop", type=int, default=224, help="model input size")
+    p.add_argument("--image", default=None, help="JPEG to send (default: a generated 320x240 JPEG)")
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated closed-loop client counts")
+    p.add_argument("--requests-per-client", type=int, default=8, help="requests each client sends per cell (at least 24 in all)")
+    p.add_argument("--max-seconds", type=float, default=25.0, help="time bound per cell")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per cell (median reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of every server's model")
+    p.add_argument("--max-batch-size", type=int, default=16, help="batched service: @serve.batch size")
+    p.add_argument("--overload-seconds", type=float, default=30.0, help="duration of the 2x overload run (0: skip)")
+    p.add_argument("--port", type=int, default=18050, help="Serve HTTP port; the plain server uses port + 1")
+    p.add_argument("--out", default="results/serve_bench.json", help="where to write all figures")
+    p.add_argument("--plain-server", metavar="ARTIFACT", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.plain_server:
+        run_plain_server(args.plain_server, args.port, args.threads)
+        return 0
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    artifact, body = make_inputs(tmp, args.arch, args.crop, args.image)
+    plain_port = args.port + 1
+    plain = subprocess.Popen([sys.executable, __file__, "--plain-server", str(artifact), "--port", str(plain_port),
+                              "--threads", str(args.threads)], cwd=ROOT)
+    # logical CPUs: each classifier replica reserves `threads` of them; only one server is loaded at a time
+    ray.init(num_cpus=2 * args.threads, include_dashboard=False, object_store_memory=256 * 1024**2,
+             log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    common = dict(classifier=str(artifact), style=False, classifier_cpus=args.threads, classifier_max_ongoing=32,
+                  classifier_max_queued=64, batch_wait_timeout_s=0.01)
+    serve.run(build_app({**common, "max_batch_size": args.max_batch_size}), name="batched", route_prefix="/batched")
+    serve.run(build_app({**common, "max_batch_size": 1}), name="unbatched", route_prefix="/unbatched")
+    servers = {"serve-batched": f"http://127.0.0.1:{args.port}/batched/classify",
+               "serve-unbatched": f"http://127.0.0.1:{args.port}/unbatched/classify",
+               "plain-fastapi": f"http://127.0.0.1:{plain_port}/classify"}
+    wait_http(f"http://127.0.0.1:{args.port}/batched/healthz")
+    wait_http(f"http://127.0.0.1:{args.port}/unbatched/healthz")
+    import httpx
+
+    deadline = time.time() + 300
+    while True:  # the plain server has no health route: wait for a real answer
+        try:
+            if httpx.post(servers["plain-fastapi"], content=body, timeout=30).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise SystemExit("plain server did not start")
+        time.sleep(0.5)
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    cells: dict[str, dict[int, list[dict]]] = {s: {c: [] for c in levels} for s in servers}
+    try:
+        for name, url in servers.items():  # warm-up: first batches, allocator, connection pools
+            asyncio.run(closed_loop(url, body, 8, 3, 30))
+        for r in range(args.repeats):  # interleaved, so drift in machine load hits every server alike
+            for c in levels:
+                for name, url in servers.items():
+                    n = max(args.requests_per_client, -(-24 // c))
+                    res = asyncio.run(closed_loop(url, body, c, n, args.max_seconds))
+                    cells[name][c].append(res)
+                    print(f"repeat {r + 1} c={c:3d} {name:16s} {res['rps']:7.2f} req/s  p50 {res['p50_ms']:7.1f} ms  "
+                          f"p99 {res['p99_ms']:7.1f} ms  {res['statuses']}", flush=True)
+        overload = None
+        if args.overload_seconds > 0:
+            capacity = 32 + 64  # classifier_max_ongoing + classifier_max_queued of the batched app
+            overload = asyncio.run(closed_loop(servers["serve-batched"], body, 2 * capacity, 10**6,
+                                               args.overload_seconds, backoff_503_s=0.1))
+            overload["concurrency"] = 2 * capacity
+            print(f"overload c={2 * capacity}: {overload['statuses']}  ({overload['rps']:.2f} req/s answered 200)")
+    finally:
+        plain.terminate()
+        plain.wait(timeout=30)
+        serve.shutdown()
+        ray.shutdown()
+
+    def med(name, c, key):
+        return statistics.median(x[key] for x in cells[name][c])
+
+    summary = {name: {c: {k: med(name, c, k) for k in ("rps", "p50_ms", "p99_ms")} for c in levels} for name in servers}
+    errors = {name: sorted({k for c in levels for x in cells[name][c] for k in x["statuses"] if k != "200"})
+              for name in servers}
+    print("\n| server | concurrency | req/s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|")
+    for name in servers:
+        for c in levels:
+            s = summary[name][c]
+            print(f"| {name} | {c} | {s['rps']:.1f} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} |")
+    for c in levels:
+        print(f"batched / unbatched at c={c}: {summary['serve-batched'][c]['rps'] / summary['serve-unbatched'][c]['rps']:.2f}x;"
+              f" batched / plain: {summary['serve-batched'][c]['rps'] / summary['plain-fastapi'][c]['rps']:.2f}x")
+    print("non-200 answers in the measured cells:", errors)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "machine": platform.platform(), "cpus": os.cpu_count(),
+                               "summary": summary, "cells": cells, "overload": overload}, indent=2, default=str))
+    print("wrote", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
