@@ -12,7 +12,8 @@ Phases (run each under `flock -x /tmp/heavy.lock`):
   ref500  reference, 500 Adam steps: per-step times and losses, loss after the 500th update
   steps   per-step time, reference vs jobs.style variants, `--repeats` runs of `--steps` steps,
           and the relative loss differences of those steps
-  lbfgs   jobs.style L-BFGS: wall time until the loss <= the reference's loss after 500 steps
+  lbfgs   jobs.style L-BFGS loss-vs-time curves (time budget from the steps phase); with ref500
+          present, the time each curve needs to reach the reference loss after 500 steps
 Results go to `--out` (JSON, one key per phase; phases merge into an existing file).
 """
 from __future__ import annotations
@@ -105,15 +106,15 @@ class Reference:
         l = sum(styles_l + contents_l + [tv_l])
         return contents_l, styles_l, tv_l, l
 
-    def train(self, lr=0.3, num_epochs=500, lr_decay_epoch=50, final_loss=False):
-        """Returns per-step records (losses before each update, cumulative seconds)."""
+    def train(self, lr=0.3, num_epochs=500, lr_decay_epoch=50, final_loss=False, log=None):
+        """Returns per-step records (losses before each update, cumulative wall and CPU seconds)."""
         gen_img = SynthesizedImage(self.content_X.shape)
         gen_img.weight.data.copy_(self.content_X.data)
         trainer = torch.optim.Adam(gen_img.parameters(), lr=lr)
         styles_Y_gram = [self.gram(Y) for Y in self.styles_Y]
         X = gen_img()
         scheduler = torch.optim.lr_scheduler.StepLR(trainer, lr_decay_epoch, 0.8)
-        records, t0 = [], time.perf_counter()
+        records, t0, c0 = [], time.perf_counter(), time.process_time()
         for epoch in range(num_epochs):
             trainer.zero_grad()
             contents_Y_hat, styles_Y_hat = self.extract_features(X, self.content_layers, self.style_layers)
@@ -122,9 +123,13 @@ class Reference:
             l.backward()
             trainer.step()
             scheduler.step()
-            records.append({"step": epoch, "time_s": time.perf_counter() - t0, "content": sum(contents_l).item(),
-                            "style": sum(styles_l).item(), "tv": tv_l.item(), "total": l.item()})
-        out = {"records": records, "seconds": time.perf_counter() - t0}
+            records.append({"step": epoch, "time_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                            "content": sum(contents_l).item(), "style": sum(styles_l).item(),
+                            "tv": tv_l.item(), "total": l.item()})
+            if log is not None:  # a long run leaves its progress behind
+                log.write(json.dumps(records[-1]) + "\n")
+                log.flush()
+        out = {"records": records, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
         if final_loss:  # the loss of the image after the last update (one extra evaluation, untimed)
             with torch.no_grad():
                 c, s = self.extract_features(X, self.content_layers, self.style_layers)
@@ -154,28 +159,34 @@ def rel_diff(a: float, b: float) -> float:
 def run_ours(cfg: S.StyleConfig, content, style, features) -> dict:
     """jobs.style for cfg.steps steps; the extractor is built outside the timed region."""
     ext = S.build_extractor(cfg, copy.deepcopy(features))
-    t0 = time.perf_counter()
-    _, history = S.stylize(content, style, cfg, extractor=ext)
-    return {"records": history, "seconds": time.perf_counter() - t0}
+    t0, c0 = time.perf_counter(), time.process_time()
+
+    def progress(rec):
+        rec["cpu_s"] = time.process_time() - c0
+
+    _, history = S.stylize(content, style, cfg, extractor=ext, progress=progress)
+    return {"records": history, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
 
 
-def per_step(records: list[dict]) -> float:
+def per_step(records: list[dict], key: str = "time_s") -> float:
     """Median seconds per step, from the cumulative times, leaving out the first (warm-up) step."""
-    t = [r["time_s"] for r in records]
+    t = [r[key] for r in records]
     return statistics.median([b - a for a, b in zip(t, t[1:])])
 
 
 def phase_ref500(args, content, style, features) -> dict:
     ref = Reference(features.state_dict(), content, style, tuple(args.size))
-    out = ref.train(num_epochs=args.ref_steps, final_loss=True)
+    with open(args.out + ".ref500.jsonl", "w") as log:
+        out = ref.train(num_epochs=args.ref_steps, final_loss=True, log=log)
     print(f"reference {args.ref_steps} steps: {out['seconds']:.1f}s, final loss {out['final']}", flush=True)
-    return {"steps": args.ref_steps, "seconds": out["seconds"], "final": out["final"],
-            "per_step_s": per_step(out["records"]), "records": out["records"]}
+    return {"steps": args.ref_steps, "seconds": out["seconds"], "cpu_seconds": out["cpu_seconds"],
+            "final": out["final"], "per_step_s": per_step(out["records"]),
+            "per_step_cpu_s": per_step(out["records"], "cpu_s"), "records": out["records"]}
 
 
 VARIANTS = {
     "fp32 channels_last (default)": dict(channels_last=True, precision="fp32"),
-    "fp32 NCHW": dict(channels_last=False, precision="fp32"),
+    "fp32 NCHW": dict(channels_last=False, precision="fp32"),  # left out with --quick
     "bf16 autocast, channels_last": dict(channels_last=True, precision="bf16"),
 }
 
@@ -188,54 +199,83 @@ def phase_steps(args, content, style, features) -> dict:
         runs["reference"].append(r)
         print(f"reference: {per_step(r['records']):.3f} s/step", flush=True)
         for name, kw in VARIANTS.items():
+            if args.quick and name == "fp32 NCHW":
+                continue
             cfg = S.StyleConfig(size=list(args.size), steps=args.steps, weights="random", **kw)
             o = run_ours(cfg, content, style, features)
             runs.setdefault(name, []).append(o)
             print(f"{name}: {per_step(o['records']):.3f} s/step", flush=True)
     ref_s = statistics.median(per_step(r["records"]) for r in runs["reference"])
+    ref_c = statistics.median(per_step(r["records"], "cpu_s") for r in runs["reference"])
     ref_losses = runs["reference"][0]["records"]
     summary = {}
     for name, rs in runs.items():
         s = statistics.median(per_step(r["records"]) for r in rs)
         diffs = {k: max(rel_diff(a[k], b[k]) for a, b in zip(rs[0]["records"], ref_losses))
                  for k in ("content", "style", "tv", "total")}
+        c = statistics.median(per_step(r["records"], "cpu_s") for r in rs)
         summary[name] = {"per_step_s": s, "per_step_all": [per_step(r["records"]) for r in rs],
-                         "speedup": ref_s / s, "max_rel_loss_diff_first_steps": diffs,
+                         "speedup": ref_s / s, "per_step_cpu_s": c, "speedup_cpu": ref_c / c,
+                         "per_step_cpu_all": [per_step(r["records"], "cpu_s") for r in rs], "max_rel_loss_diff_first_steps": diffs,
                          "losses_first_run": [{k: r[k] for k in ("content", "style", "tv", "total")}
                                               for r in rs[0]["records"]]}
-        print(f"{name:32s} {s:.3f} s/step  x{ref_s / s:.2f}  max rel loss diff {diffs}", flush=True)
+        print(f"{name:32s} {s:.3f} s/step  x{ref_s / s:.2f} wall  x{ref_c / c:.2f} cpu  max rel loss diff {diffs}",
+              flush=True)
     return {"steps": args.steps, "repeats": args.repeats, "summary": summary}
 
 
-def phase_lbfgs(args, content, style, features, ref500: dict) -> dict:
-    target = ref500["final"]["total"]
-    ref_seconds = ref500["seconds"]
-    out = {"target_loss": target, "reference_seconds": ref_seconds, "runs": {}}
+def phase_lbfgs(args, content, style, features, ref_per_step_s: float) -> dict:
+    """L-BFGS loss-vs-time curves, each run for `--lbfgs-budget` x (500 x reference s/step)."""
+    budget = args.lbfgs_budget * 500 * ref_per_step_s
+    out = {"budget_s": budget, "runs": {}}
     for name, kw in {"lbfgs 300x450": dict(scales=[1.0]),
                      "lbfgs 150x225 -> 300x450": dict(scales=[0.5, 1.0])}.items():
-        times = []
-        for _ in range(args.repeats):
-            steps = args.lbfgs_steps
-            cfg = S.StyleConfig(size=list(args.size), steps=steps, optimizer="lbfgs", weights="random", **kw)
+        curves = []
+        for _ in range(args.lbfgs_repeats):
+            cfg = S.StyleConfig(size=list(args.size), steps=args.lbfgs_steps, optimizer="lbfgs", weights="random", **kw)
             ext = S.build_extractor(cfg, copy.deepcopy(features))
-            t0 = time.perf_counter()
-            hit = {}
+            t0, c0, curve = time.perf_counter(), time.process_time(), []
 
             def progress(rec, last_scale=len(cfg.scales) - 1):
-                if not hit and rec["scale"] == last_scale and rec["total"] <= target:
-                    hit.update(rec, wall_s=time.perf_counter() - t0)
-                    raise StopIteration  # reached: stop timing here
+                rec["cpu_s"], rec["wall_s"] = time.process_time() - c0, time.perf_counter() - t0
+                curve.append({k: rec[k] for k in ("scale", "step", "wall_s", "cpu_s", "content", "style", "tv", "total")})
+                if rec["wall_s"] > budget:
+                    raise StopIteration
 
             try:
                 S.stylize(content, style, cfg, extractor=ext, progress=progress)
             except StopIteration:
                 pass
-            wall = hit.get("wall_s", float("nan"))
-            times.append(wall)
-            print(f"{name}: reached {target:.5g} in {wall:.1f}s at step {hit.get('step')} "
-                  f"(reference 500 Adam steps {ref_seconds:.1f}s, ratio {wall / ref_seconds:.3f})", flush=True)
-        med = statistics.median(times)
-        out["runs"][name] = {"seconds_all": times, "seconds": med, "fraction_of_reference": med / ref_seconds}
+            last = [r for r in curve if r["scale"] == len(cfg.scales) - 1]
+            print(f"{name}: {len(curve)} evaluations in {curve[-1]['wall_s']:.1f}s, "
+                  f"best loss at full size {min(r['total'] for r in last):.5g}", flush=True)
+            curves.append(curve)
+        out["runs"][name] = {"scales": kw["scales"], "curves": curves}
+    return out
+
+
+def time_to_reach(curve: list[dict], target: float, last_scale: int, key: str = "wall_s") -> float:
+    """Seconds until an evaluation at the full size has loss <= target (inf when never)."""
+    return next((r[key] for r in curve if r["scale"] == last_scale and r["total"] <= target), float("inf"))
+
+
+def lbfgs_summary(results: dict) -> dict:
+    """Time-to-target of each L-BFGS curve against the reference's loss after its run."""
+    ref = results["ref500"]
+    done = len(ref["records"])
+    target = ref["final"]["total"]
+    out = {"reference_steps": done, "target_loss": target, "reference_seconds": ref["seconds"],
+           "reference_cpu_seconds": ref["cpu_seconds"]}
+    for name, run in results["lbfgs"]["runs"].items():
+        last = len(run["scales"]) - 1
+        wall = [time_to_reach(c, target, last) for c in run["curves"]]
+        cpu = [time_to_reach(c, target, last, "cpu_s") for c in run["curves"]]
+        out[name] = {"seconds_all": wall, "cpu_seconds_all": cpu, "seconds": statistics.median(wall),
+                     "fraction_of_reference_wall": statistics.median(wall) / ref["seconds"],
+                     "fraction_of_reference_cpu": statistics.median(cpu) / ref["cpu_seconds"]}
+        print(f"{name}: reaches {target:.5g} in {statistics.median(wall):.1f}s wall "
+              f"({out[name]['fraction_of_reference_wall']:.3f} of the reference's {ref['seconds']:.1f}s), "
+              f"CPU fraction {out[name]['fraction_of_reference_cpu']:.3f}", flush=True)
     return out
 
 
@@ -247,8 +287,12 @@ def main() -> None:
     p.add_argument("--size", nargs=2, type=int, default=[300, 450], help="H W")
     p.add_argument("--steps", type=int, default=10, help="steps per timed run (phase steps)")
     p.add_argument("--ref-steps", type=int, default=500, help="reference Adam steps (phase ref500)")
-    p.add_argument("--lbfgs-steps", type=int, default=300, help="max L-BFGS evaluations per scale (phase lbfgs)")
+    p.add_argument("--lbfgs-steps", type=int, default=1000, help="max L-BFGS evaluations per scale (phase lbfgs)")
+    p.add_argument("--lbfgs-repeats", type=int, default=1, help="repeats of each L-BFGS run")
+    p.add_argument("--lbfgs-budget", type=float, default=0.25,
+                   help="run each L-BFGS curve for this fraction of 500 reference steps' time")
     p.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported")
+    p.add_argument("--quick", action="store_true", help="steps phase: skip the fp32 NCHW variant")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both sides")
     p.add_argument("--seed", type=int, default=0, help="seed of the random VGG weights")
     p.add_argument("--out", default="bench/results/style_bench.json", help="results JSON (merged)")
@@ -270,9 +314,12 @@ def main() -> None:
         elif phase == "steps":
             results["steps"] = phase_steps(args, content, style, features)
         elif phase == "lbfgs":
-            if "ref500" not in results:
-                raise SystemExit("phase lbfgs needs the ref500 results in --out (run --phase ref500 first)")
-            results["lbfgs"] = phase_lbfgs(args, content, style, features, results["ref500"])
+            if "steps" not in results:
+                raise SystemExit("phase lbfgs needs the steps results in --out (its budget is set from them)")
+            ref_s = results["steps"]["summary"]["reference"]["per_step_s"]
+            results["lbfgs"] = phase_lbfgs(args, content, style, features, ref_s)
+        if "lbfgs" in results and "ref500" in results:
+            results["lbfgs_summary"] = lbfgs_summary(results)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

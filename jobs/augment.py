@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from jobs import engine
+from jobs.engine import PLACEMENT_STRATEGIES
 from jobs.augmentations import AugmentSpec, compose, parse_aug_names
 from jobs.cli import UserError, config_from_args, init_ray, run_cli
 from jobs.data import iterate_batches, load_image_data, num_batches, shard_indices
@@ -36,6 +37,7 @@ class Config:
     num_workers: int = 2
     cpus_per_worker: int = 1
     use_gpu: bool = False
+    placement_strategy: str = "PACK"  # how workers are placed on nodes: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     storage_path: str = "results"
     name: str = ""                 # run name; "" -> augment-<data>-<aug>
     seed: int = 0
@@ -100,6 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, help=f"Ray Train workers (DDP ranks) (default {d.num_workers})")
     p.add_argument("--cpus-per-worker", type=int, help=f"CPUs (and torch threads) per worker (default {d.cpus_per_worker})")
     p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker, AMP and channels_last")
+    p.add_argument("--placement-strategy", choices=PLACEMENT_STRATEGIES,
+                   help=f"how workers are placed on nodes: PACK fills one node first, SPREAD puts them on different "
+                        f"nodes, STRICT_* insist (default {d.placement_strategy})")
     p.add_argument("--storage-path", help=f"where runs are stored: <storage-path>/<name>/ (default {d.storage_path})")
     p.add_argument("--name", help="run name; re-running with the same name resumes it (default augment-<data>-<aug>)")
     p.add_argument("--seed", type=int, help=f"seed for init, shuffling and augmentation (default {d.seed})")
@@ -115,6 +120,8 @@ def validate(cfg: Config) -> None:
             raise UserError(f"--{field.replace('_', '-')} must be at least 1")
     if cfg.lr <= 0:
         raise UserError("--lr must be positive")
+    if cfg.placement_strategy not in PLACEMENT_STRATEGIES:
+        raise UserError(f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}")
     if cfg.batch_size < cfg.num_workers:
         raise UserError(f"--batch-size {cfg.batch_size} is smaller than --num-workers {cfg.num_workers}")
     # load (and cache) the data on the driver: a bad dataset fails here with one line

@@ -10,10 +10,12 @@ import hashlib
 import io
 import math
 import os
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -21,6 +23,10 @@ import torch
 from jobs.cli import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+# downloadable ImageFolder archives: name -> (url, sha1); extracted once under the data root
+DOWNLOADS = {
+    "hotdog": ("http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip", "fba480ffa8aa7e0febbb511d181409f899b9baa5"),
+}
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -46,29 +52,40 @@ class ImageData:
         return ImageData(self.train_x[:train], self.train_y[:train], self.test_x[:test], self.test_y[:test], self.classes)
 
 
-def load_image_data(source: str, root: str | os.PathLike = "data", image_size: int | None = None) -> ImageData:
-    """Load `source`: "cifar10", "synthetic[:N]", or a directory / .zip in ImageFolder layout.
+def load_image_data(source: str, root: str | os.PathLike = "data", image_size: int | None = None,
+                    fit: str = "stretch") -> ImageData:
+    """Load `source`: "cifar10", "synthetic[:N]", a name in DOWNLOADS ("hotdog"), or a directory /
+    .zip in ImageFolder layout.
 
     ImageFolder trees must hold `train/<class>/*.jpg` and `test/<class>/*.jpg` (one top-level
-    folder inside a zip is allowed). Images are resized to `image_size` (square) when given,
-    otherwise they must all share one size. Decoded tensors are cached under `root/cache/`.
+    folder inside a zip is allowed). With `image_size`, images become image_size x image_size:
+    fit="stretch" resizes both sides; fit="center" resizes the shorter side and centre-crops
+    (torchvision's Resize + CenterCrop, keeping the aspect ratio). Without it they must all share
+    one size. Decoded tensors are cached under `root/cache/`.
     """
     root = Path(root)
+    if fit not in ("stretch", "center"):
+        raise ValueError(f"fit must be 'stretch' or 'center', not {fit!r}")
     if source == "cifar10":
         return _load_cifar10(root)
     if source == "synthetic" or source.startswith("synthetic:"):
         n = int(source.split(":", 1)[1]) if ":" in source else 2048
         return make_synthetic(n_train=n, n_test=max(n // 4, 64), size=image_size or 32)
-    path = Path(source).expanduser()
+    if source in DOWNLOADS:
+        path = fetch_archive(source, root)
+    else:
+        path = Path(source).expanduser()
     if not path.exists():
-        raise UserError(f"dataset not found: {source} (expected cifar10, synthetic, or an ImageFolder directory/.zip)")
-    return _cached(path, root, image_size, lambda: _load_image_folder(path, image_size))
+        raise UserError(f"dataset not found: {source} (expected cifar10, synthetic, {', '.join(DOWNLOADS)}, "
+                        f"or an ImageFolder directory/.zip)")
+    return _cached(path, root, image_size, fit, lambda: _load_image_folder(path, image_size, fit))
 
 
-def _cached(path: Path, root: Path, image_size: int | None, build) -> ImageData:
+def _cached(path: Path, root: Path, image_size: int | None, fit: str, build) -> ImageData:
     """Decode once: key the cache on the path, its size/mtime and the target image size."""
     st = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{image_size}".encode()).hexdigest()[:16]
+    fit_key = "" if fit == "stretch" else f"|{fit}"  # stretch keeps the keys of existing caches
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{image_size}{fit_key}".encode()).hexdigest()[:16]
     cache = root / "cache" / f"{path.name}-{key}.pt"
     if cache.exists():
         d = torch.load(cache, weights_only=True)
@@ -103,7 +120,7 @@ def _load_cifar10(root: Path) -> ImageData:
     return ImageData(trx, try_, tex, tey, list(train.classes))
 
 
-def _load_image_folder(path: Path, image_size: int | None) -> ImageData:
+def _load_image_folder(path: Path, image_size: int | None, fit: str = "stretch") -> ImageData:
     """Decode every image of an ImageFolder tree (directory or zip) into uint8 tensors."""
     if path.is_dir():
         files = [p for p in path.rglob("*") if p.is_file()]
@@ -124,7 +141,7 @@ def _load_image_folder(path: Path, image_size: int | None) -> ImageData:
             xs, ys = [], []
             for label, cls in enumerate(classes):
                 for name in splits[split].get(cls, []):
-                    xs.append(_decode(read(name), name, image_size))
+                    xs.append(_decode(read(name), name, image_size, fit))
                     ys.append(label)
             sizes = {x.shape for x in xs}
             if len(sizes) > 1:
@@ -153,17 +170,99 @@ def _split_layout(names: list[str], path: Path) -> dict[str, dict[str, list[str]
     return splits
 
 
-def _decode(raw: bytes, name: str, image_size: int | None) -> np.ndarray:
+def _decode(raw: bytes, name: str, image_size: int | None, fit: str = "stretch") -> np.ndarray:
+    """Image bytes -> (H, W, 3) uint8."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(raw)) as im:
             im = im.convert("RGB")
+            if image_size and fit == "center":
+                # the same ops as Preset.eval_transform's first steps, so cached pixels are served pixels
+                from torchvision.transforms import v2
+
+                x = v2.CenterCrop(image_size)(v2.Resize(image_size, antialias=True)(v2.ToImage()(im)))
+                return x.permute(1, 2, 0).numpy()
             if image_size:
                 im = im.resize((image_size, image_size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
         raise UserError(f"cannot decode image {name}: {e}") from None
+
+
+def fetch_archive(name: str, root: str | os.PathLike, url: str | None = None, sha1: str | None = None,
+                  timeout: float = 30.0) -> Path:
+    """Download archive `name` (DOWNLOADS[name] unless url/sha1 are given) into `root`, verify its
+    sha1 and extract it once into `root/<name>/`; return that directory.
+
+    A file lock serialises concurrent processes (Ray workers on one node), and the extraction
+    is renamed into place, so nobody sees half a tree. An archive already in `root` (copied there
+    by hand on an offline machine) is used if its sha1 matches.
+    """
+    from filelock import FileLock
+
+    default_url, default_sha1 = DOWNLOADS.get(name, (None, None))
+    url, sha1 = url or default_url, sha1 or default_sha1
+    root = Path(root).expanduser()
+    archive = root / os.path.basename(urlparse(url).path)
+    target = root / name
+    done = target / ".extracted"
+    if done.exists():
+        return target
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"data root {root} is not writable: {e.strerror or e}") from None
+    with FileLock(str(root / f".{name}.lock")):
+        if done.exists():  # another process finished while we waited
+            return target
+        if not archive.exists():
+            _download(url, archive, sha1, timeout)
+        digest = file_sha1(archive)
+        if digest != sha1:
+            raise UserError(f"{archive} has sha1 {digest}, expected {sha1} (a corrupt or different file): "
+                            f"delete it, or replace it with the file from {url}")
+        tmp = root / f".{name}.extracting"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(tmp)  # zipfile drops absolute paths and '..' components
+        except zipfile.BadZipFile as e:
+            raise UserError(f"{archive} is not a valid zip archive: {e}") from None
+        (tmp / ".extracted").write_text(f"{url} {sha1}\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return target
+
+
+def _download(url: str, dest: Path, sha1: str, timeout: float) -> None:
+    """Stream `url` into `dest` (via a .part file); no network fails at once with where to put it."""
+    import urllib.request
+
+    part = dest.with_name(dest.name + ".part")
+    print(f"downloading {url} -> {dest}", flush=True)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(part, "wb") as f:
+            shutil.copyfileobj(r, f, 1 << 20)
+    except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
+        part.unlink(missing_ok=True)
+        reason = getattr(e, "reason", None) or e.strerror or e
+        raise UserError(f"cannot download {url} ({reason}); without internet, download it elsewhere and "
+                        f"put it at {dest} (sha1 {sha1})") from None
+    digest = file_sha1(part)
+    if digest != sha1:  # never keep a bad download where the next run would pick it up
+        part.unlink(missing_ok=True)
+        raise UserError(f"the download of {url} has sha1 {digest}, expected {sha1}; not using it")
+    os.replace(part, dest)
+
+
+def file_sha1(path: str | os.PathLike) -> str:
+    """Hex sha1 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def make_synthetic(n_train: int = 2048, n_test: int = 512, size: int = 32, num_classes: int = 4, seed: int = 0) -> ImageData:

@@ -8,6 +8,7 @@ metrics reduced across ranks, checkpoints every epoch, resume, and the outputs o
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import importlib
 import json
 import math
@@ -26,6 +27,8 @@ from torch import nn
 from jobs.cli import UserError
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Ray placement-group strategies for the workers (ScalingConfig.placement_strategy)
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -156,15 +159,25 @@ def all_reduce_sums(values: dict[str, Any], device) -> dict[str, float]:
 # ----------------------------------------------------------------------------- on each Ray Train worker
 
 def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ray Train's per-worker function. payload = {"job": module name, "config": asdict(cfg)}."""
+    """Ray Train's per-worker function. payload = {"job": module name, "config": asdict(cfg)}.
+
+    With payload["session"] == "tune" it is instead a plain single-process Ray Tune trainable
+    (a one-worker sweep trial): checkpoints and per-epoch reports go to Tune, not Ray Train.
+    """
     import ray.train
     import ray.train.torch
 
     job = importlib.import_module(payload["job"])
     cfg = job.Config(**payload["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    if payload.get("session") == "tune":
+        import ray.tune
+
+        session, rank, world = ray.tune, 0, 1
+        device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+    else:
+        ctx = ray.train.get_context()
+        session, rank, world = ray.train, ctx.get_world_rank(), ctx.get_world_size()
+        device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, cfg.cpus_per_worker))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
 
@@ -177,7 +190,7 @@ def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    ckpt = ray.train.get_checkpoint()
+    ckpt = session.get_checkpoint()
     if ckpt is not None:  # resume after a worker failure or a re-run of the same --name
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
@@ -222,22 +235,21 @@ def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
             print(f"epoch {epoch + 1}/{cfg.epochs}  {parts}  {metrics['examples_per_sec']:.1f} examples/s", flush=True)
         if rank == 0 and setup.after_epoch is not None:
             setup.after_epoch(model, epoch)
-        _report(metrics, model, setup, cfg, epoch, history, rank)
+        _report(session, metrics, model, setup, cfg, epoch, history, rank)
     return history
 
 
-def _report(metrics, model, setup, cfg, epoch, history, rank) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the checkpoint: weights, optimizer, epoch, config."""
-    import ray.train
-
+def _report(session, metrics, model, setup, cfg, epoch, history, rank) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint: weights, optimizer, epoch, config.
+    `session` is `ray.train` (or `ray.tune` in a single-process sweep trial)."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
             torch.save({"model": model.state_dict(), "optimizer": setup.optimizer.state_dict(), "epoch": epoch,
                         "config": dataclasses.asdict(cfg), "history": history, "meta": setup.meta},
                        Path(tmp) / CHECKPOINT_FILE)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+            checkpoint = session.Checkpoint.from_directory(tmp)
+        session.report(metrics, checkpoint=checkpoint)
 
 
 def _progress_logger(epoch, epochs, steps, world, t0):
@@ -256,10 +268,11 @@ def _progress_logger(epoch, epochs, steps, world, t0):
 
 def _injected_failure(name: str) -> int | None:
     """Fault injection for tests: RAYCV_FAIL_ONCE="<run name>:<epoch>:<marker file>" kills the last
-    rank once, after its first batch of that epoch (the marker file records that it happened)."""
+    rank once, after its first batch of that epoch (the marker file records that it happened).
+    The run name may be a glob (`*_00001`: a sweep's second trial, whatever the sweep's id)."""
     spec = os.environ.get("RAYCV_FAIL_ONCE", "")
     parts = spec.split(":", 2)
-    if len(parts) == 3 and parts[0] == name and not os.path.exists(parts[2]):
+    if len(parts) == 3 and fnmatch.fnmatchcase(name, parts[0]) and not os.path.exists(parts[2]):
         return int(parts[1])
     return None
 
@@ -277,13 +290,35 @@ def _fail_after_first_batch(log):
 
 # ----------------------------------------------------------------------------- on the driver
 
-def run_dir(cfg) -> Path:
+def is_uri(path: str) -> bool:
+    """Remote storage (s3://bucket/dir, gs://..., file:///abs/dir) as opposed to a local path."""
+    return "://" in str(path)
+
+
+def run_dir(cfg) -> Path | str:
+    """<storage_path>/<name>: a local Path, or a URI string when storage_path is a URI."""
+    if is_uri(cfg.storage_path):
+        return f"{cfg.storage_path.rstrip('/')}/{cfg.name}"
     return Path(cfg.storage_path).expanduser().resolve() / cfg.name
 
 
-def check_storage(cfg) -> Path:
-    """Create the run directory or fail with one line (unwritable storage path)."""
+def check_storage(cfg) -> Path | str:
+    """Create the run directory or fail with one line (unwritable storage path, unknown URI scheme,
+    missing cloud credentials)."""
     path = run_dir(cfg)
+    if is_uri(path):
+        import pyarrow
+        import pyarrow.fs
+
+        try:
+            fs, fs_path = pyarrow.fs.FileSystem.from_uri(path)
+            fs.create_dir(fs_path, recursive=True)
+            with fs.open_output_stream(f"{fs_path}/.write-test-{os.getpid()}") as f:
+                f.write(b"ok")
+            fs.delete_file(f"{fs_path}/.write-test-{os.getpid()}")
+        except (OSError, ValueError, pyarrow.ArrowException) as e:
+            raise UserError(f"storage path {cfg.storage_path} is not writable: {str(e).splitlines()[0]}") from None
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
@@ -294,26 +329,69 @@ def check_storage(cfg) -> Path:
     return path
 
 
-def check_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool) -> None:
-    """Fail now, not after an endless wait, when the cluster cannot place the workers."""
+def request_and_wait(bundles: list[dict[str, float]], wait_s: float | None = None) -> None:
+    """On an autoscaling cluster, make room for `bundles` (e.g. one {"CPU": 1, "GPU": 1} per worker).
+
+    When the cluster's total resources do not cover the bundles' sum and wait_s > 0 (default: env
+    RAYCV_RESOURCE_WAIT_S, else 0; cluster.yaml sets it on the head, so jobs inherit it), ask the
+    autoscaler for them (`request_resources`: it launches nodes now, before any placement group
+    exists) and poll until they are there or wait_s has passed. Otherwise a no-op: the caller's
+    own check then fails with its message.
+    """
+    import ray
+
+    if wait_s is None:
+        wait_s = float(os.environ.get("RAYCV_RESOURCE_WAIT_S", "0") or 0)
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            need[key] = need.get(key, 0) + value
+
+    def missing() -> dict[str, float]:
+        have = ray.cluster_resources()
+        return {k: v for k, v in need.items() if have.get(k, 0) < v}
+
+    if wait_s <= 0 or not missing():
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    print(f"waiting up to {wait_s:g} s for the cluster to grow to {need} (short of {sorted(missing())})", flush=True)
+    request_resources(bundles=[{k: v for k, v in b.items() if v} for b in bundles])
+    deadline = time.monotonic() + wait_s
+    try:
+        while missing() and time.monotonic() < deadline:
+            time.sleep(2)
+    finally:
+        request_resources(bundles=[])  # placement groups hold the nodes from here on
+
+
+def check_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool, wait_s: float | None = None) -> None:
+    """Fail now, not after an endless wait, when the cluster cannot place the workers (after
+    waiting for an autoscaling cluster to add nodes, see `request_and_wait`)."""
     import ray
 
     if num_workers < 1:
         raise UserError("--num-workers must be at least 1")
+    if wait_s is None:
+        wait_s = float(os.environ.get("RAYCV_RESOURCE_WAIT_S", "0") or 0)
+    request_and_wait([{"CPU": cpus_per_worker, "GPU": 1 if use_gpu else 0}] * num_workers, wait_s)
     have = ray.cluster_resources()
     need_cpu = num_workers * cpus_per_worker
+    waited = f"after waiting {wait_s:g} s: " if wait_s > 0 else ""
     if have.get("CPU", 0) < need_cpu:
-        raise UserError(f"{num_workers} workers x {cpus_per_worker} CPU need {need_cpu} CPUs but the Ray cluster has "
-                        f"{have.get('CPU', 0):g}; lower --num-workers or add nodes")
+        raise UserError(f"{waited}{num_workers} workers x {cpus_per_worker} CPU need {need_cpu} CPUs but the Ray cluster "
+                        f"has {have.get('CPU', 0):g}; lower --num-workers or add nodes")
     if use_gpu and have.get("GPU", 0) < num_workers:
-        raise UserError(f"{num_workers} GPU workers need {num_workers} GPUs but the Ray cluster has {have.get('GPU', 0):g}; "
-                        f"lower --num-workers or drop --use-gpu")
+        raise UserError(f"{waited}{num_workers} GPU workers need {num_workers} GPUs but the Ray cluster has "
+                        f"{have.get('GPU', 0):g}; lower --num-workers or drop --use-gpu")
 
 
-def fit(job: str, cfg, max_failures: int = 3) -> dict[str, Any]:
+def fit(job: str, cfg, max_failures: int = 3, callbacks: Iterable[Any] = ()) -> dict[str, Any]:
     """Run job module `job` with config `cfg` on Ray Train; write and return `result.json`'s content.
 
     Re-running with the same storage_path and name resumes from the latest checkpoint.
+    `callbacks` go to Ray Train's RunConfig (a Tune sweep passes `TuneReportCallback()` so that
+    every epoch's report reaches its scheduler).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -324,11 +402,15 @@ def fit(job: str, cfg, max_failures: int = 3) -> dict[str, Any]:
         train_worker,
         train_loop_config={"job": job, "config": dataclasses.asdict(cfg)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                               # PACK fills a node before the next; SPREAD one worker per node
+                                               placement_strategy=getattr(cfg, "placement_strategy", "PACK")),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=str(out.parent),
+            # a URI goes to Ray Train as is: every worker writes its checkpoints there directly
+            name=cfg.name, storage_path=cfg.storage_path if is_uri(out) else str(out.parent),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks)),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -338,15 +420,27 @@ def fit(job: str, cfg, max_failures: int = 3) -> dict[str, Any]:
     history = state["history"]
     summary = {**history[-1], "epochs": len(history), "config": dataclasses.asdict(cfg), "history": history,
                "checkpoint": result.checkpoint.path, "meta": state["meta"]}
+    if is_uri(out):  # written locally, then uploaded next to the checkpoints
+        import pyarrow.fs
+
+        with tempfile.TemporaryDirectory() as staging:
+            write_run_outputs(Path(staging), summary, state)
+            pyarrow.fs.copy_files(staging, out)
+    else:
+        write_run_outputs(out, summary, state)
+    return summary
+
+
+def write_run_outputs(out: Path, summary: dict[str, Any], state: dict[str, Any]) -> None:
+    """result.json, curves.png and, for classification jobs, the servable artifact in <run>/model/."""
     write_outputs(out, summary)
     meta = state["meta"]
-    if "arch" in meta and "preset" in meta:  # classification jobs: a servable artifact in <run>/model/
+    if "arch" in meta and "preset" in meta:
         from jobs.artifact import save_artifact
         from jobs.presets import Preset
 
-        metrics = {k: v for k, v in history[-1].items() if isinstance(v, (int, float))}
+        metrics = {k: v for k, v in summary["history"][-1].items() if isinstance(v, (int, float))}
         save_artifact(out / "model", state["model"], meta["arch"], meta["classes"], Preset.from_dict(meta["preset"]), metrics)
-    return summary
 
 
 def write_outputs(out: Path, summary: dict[str, Any]) -> None:

@@ -14,6 +14,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def scaled_resize(crop: int, ratio: float) -> int:
+    """The resize size for `crop` at about `ratio` (256/224 in the reference), rounded so that
+    resize - crop is a multiple of 4: then centre-cropping a cached resize x resize square (see
+    `eval_batch`) lands on exactly the pixels of one CenterCrop, whose offset torchvision rounds
+    half to even. 224 -> 256 as the reference; 32 -> 36; 64 -> 72."""
+    return crop + 4 * round(crop * (ratio - 1) / 4)
+
+
 @dataclass(frozen=True)
 class Preset:
     """Eval: Resize(shorter side -> resize) + CenterCrop(crop) + ToTensor [+ Normalize(mean, std)].
@@ -30,7 +38,7 @@ class Preset:
     @classmethod
     def imagenet(cls, crop: int = 224, resize: int | None = None) -> "Preset":
         """The reference fine-tuning preset: 256 -> 224 with ImageNet statistics (scaled for other crops)."""
-        return cls(resize or round(crop * 256 / 224), crop, IMAGENET_MEAN, IMAGENET_STD)
+        return cls(resize or scaled_resize(crop, 256 / 224), crop, IMAGENET_MEAN, IMAGENET_STD)
 
     @classmethod
     def plain(cls, size: int) -> "Preset":
@@ -72,3 +80,30 @@ class Preset:
         if self.mean is not None:
             steps.append(v2.Normalize(self.mean, self.std))
         return v2.Compose(steps)
+
+    # batched, on-device equivalents for training: the decode cache holds images already resized
+    # so that both sides are `resize` (Resize + CenterCrop(resize)); these do the rest per batch.
+
+    def eval_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """The tail of eval_transform for a cached batch: CenterCrop(crop) + ToDtype + Normalize.
+
+        x: (B, 3, resize, resize) uint8 -> (B, 3, crop, crop) float. When resize - crop is a
+        multiple of 4 (every preset built by `imagenet`/`plain`) centre-cropping the cached square
+        gives exactly eval_transform's pixels, so training's test accuracy is measured on what the
+        server will see; otherwise an offset may differ by one pixel.
+        """
+        from torchvision.transforms.v2 import functional as TF
+
+        return self.normalize(TF.center_crop(x, [self.crop]).float().div_(255))
+
+    def train_batch(self, x: torch.Tensor, g: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+        """train_transform batched on the device: RandomResizedCrop(crop, scale, ratio) + horizontal
+        flip + ToDtype + Normalize, one random draw per image from generator `g`.
+
+        x: (B, 3, H, W) uint8 -> (B, 3, crop, crop) float. Defaults are torchvision's.
+        """
+        from jobs.augmentations import horizontal_flip, random_resized_crop
+
+        x = random_resized_crop(x.float().div_(255), g, (self.crop, self.crop), scale, ratio)
+        return self.normalize(horizontal_flip(x, g))

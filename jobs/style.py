@@ -27,11 +27,10 @@ from PIL import Image
 from torch import nn
 
 from jobs.cli import UserError
+from jobs.presets import IMAGENET_MEAN, IMAGENET_STD  # one copy of the statistics project-wide
 
 # ----------------------------------------------------------------------------- configuration
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 VGG19_NUM_LAYERS = 37  # len(torchvision.models.vgg19().features)
 
 

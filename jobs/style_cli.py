@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from jobs.cli import UserError, config_from_args, init_ray
 from jobs.style import StyleConfig, cached_extractor, config_dict, load_image, stylize
@@ -162,8 +163,8 @@ def run_batch(cfg: StyleConfig, contents: list[str], styles: list[str], out_dir:
     # validate every input here, so a bad file is one clear line and not a failed task later
     content_imgs = [load_image(p, cfg.max_pixels, "content image") for p in contents]
     style_imgs = [load_image(p, cfg.max_pixels, "style image") for p in styles]
-    content_bytes = [open(p, "rb").read() for p in contents]
-    style_bytes = [open(p, "rb").read() for p in styles]
+    content_bytes = [Path(p).read_bytes() for p in contents]  # bytes travel: workers need no shared disk
+    style_bytes = [Path(p).read_bytes() for p in styles]
     init_ray(address, num_cpus=num_cpus)
     if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
         raise UserError("--use-gpu given but the Ray cluster has no GPU")  # else the tasks wait forever

@@ -1,0 +1,123 @@
+"""Transfer on real data, the reference experiment at a size a 2-core CPU can run.
+
+Source: CIFAR-10 without cat and dog (8 classes), trained with `jobs.augment`.
+Target: cat vs dog, 500 training images per class, the full 1000 + 1000 test images.
+Fine-tuned from the source run vs the same architecture from scratch, same epochs, same flags.
+
+    flock -x /tmp/heavy.lock python bench/finetune_bench.py --cifar ../shared/data/cifar10-jpeg.zip
+
+Writes bench/results/finetune_bench.json and prints the BENCHMARKS.md table. Every training run is
+the real command line (printed), so the figures are what a user gets.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = ("cat", "dog")
+
+
+def build_subsets(cifar_zip: Path, work: Path, source_per_class: int, source_test_per_class: int,
+                  target_per_class: int) -> tuple[Path, Path]:
+    """Write source.zip (8 classes) and target.zip (cat/dog) ImageFolder archives from the CIFAR JPEG zip.
+
+    Images are taken in sorted-name order per class, so the subsets are the same on every run."""
+    source, target = work / "source.zip", work / "target.zip"
+    if source.exists() and target.exists():
+        return source, target
+    with zipfile.ZipFile(cifar_zip) as zf:
+        names = sorted(n for n in zf.namelist() if n.lower().endswith(".jpg"))
+        by = {}
+        for n in names:
+            split, cls = n.split("/")[-3:-1]
+            by.setdefault((split, cls), []).append(n)
+        classes = sorted({cls for _, cls in by})
+        plan = {source: [], target: []}
+        for cls in classes:
+            if cls in TARGET:
+                plan[target] += by[("train", cls)][:target_per_class] + by[("test", cls)]
+            else:
+                plan[source] += by[("train", cls)][:source_per_class] + by[("test", cls)][:source_test_per_class]
+        for out, members in plan.items():
+            tmp = out.with_suffix(".tmp")
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as dst:
+                for n in members:
+                    dst.writestr("/".join(n.split("/")[-3:]), zf.read(n))
+            os.replace(tmp, out)
+    return source, target
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run one job's command line, tee its output to `log`; return the wall time."""
+    print("$", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in p.stdout:
+            f.write(line)
+            if line.startswith(("epoch ", "done", "error")):
+                print("   ", line.rstrip(), flush=True)
+        if p.wait() != 0:
+            sys.exit(f"command failed ({p.returncode}); see {log}")
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cifar", default=str(ROOT.parent / "shared/data/cifar10-jpeg.zip"), help="CIFAR-10 ImageFolder zip")
+    p.add_argument("--work", default="/tmp/finetune-bench", help="data, cache and runs of the benchmark")
+    p.add_argument("--source-per-class", type=int, default=1000, help="source training images per class")
+    p.add_argument("--source-test-per-class", type=int, default=200, help="source test images per class")
+    p.add_argument("--source-epochs", type=int, default=4, help="jobs.augment epochs on the source")
+    p.add_argument("--target-per-class", type=int, default=500, help="cat/dog training images per class")
+    p.add_argument("--epochs", type=int, default=5, help="target epochs, both runs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the target runs")
+    p.add_argument("--extra", default="", help="extra flags for both target runs (quoted)")
+    p.add_argument("--out", default=str(ROOT / "bench/results/finetune_bench.json"))
+    args = p.parse_args()
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    source, target = build_subsets(Path(args.cifar), work, args.source_per_class, args.source_test_per_class,
+                                   args.target_per_class)
+    py = [sys.executable, "-m"]
+    common = ["--data-root", str(work / "data"), "--storage-path", str(work / "runs"), "--num-workers", "2"]
+    commands = {
+        "source": py + ["jobs.augment", "--data", str(source), "--epochs", str(args.source_epochs),
+                        "--batch-size", "128", "--name", "source", *common],
+    }
+    target_flags = ["--data", str(target), "--weights", str(work / "runs" / "source"), "--epochs", str(args.epochs),
+                    "--seed", str(args.seed), *args.extra.split(), *common]
+    commands["finetune"] = py + ["jobs.finetune", *target_flags, "--name", f"finetune-s{args.seed}"]
+    commands["scratch"] = py + ["jobs.finetune", *target_flags, "--mode", "scratch", "--name", f"scratch-s{args.seed}"]
+
+    results = {}
+    for key, cmd in commands.items():
+        wall = run(cmd, work / f"{key}.log")
+        name = cmd[cmd.index("--name") + 1]
+        r = json.loads((work / "runs" / name / "result.json").read_text())
+        results[key] = {"command": " ".join(cmd[1:]).replace(str(ROOT) + "/", ""), "wall_s": round(wall, 1),
+                        "test_acc": r["test_acc"], "train_acc": r["train_acc"], "epochs": r["epochs"],
+                        "test_acc_per_epoch": [round(h["test_acc"], 4) for h in r["history"]],
+                        "examples_per_sec": round(r["examples_per_sec"], 1)}
+    gap = 100 * (results["finetune"]["test_acc"] - results["scratch"]["test_acc"])
+    summary = {"results": results, "gap_points": round(gap, 1), "target_met": gap >= 10,
+               "settings": vars(args), "machine": f"{os.cpu_count()} CPU cores"}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    print("\n| run | test acc (cat vs dog, 2000 images) | per epoch | wall |\n|---|---|---|---|")
+    for key in ("source", "finetune", "scratch"):
+        r = results[key]
+        print(f"| {key} | {r['test_acc']:.3f} | {' '.join(f'{a:.3f}' for a in r['test_acc_per_epoch'])} | {r['wall_s']:.0f} s |")
+    print(f"\nfine-tuned - scratch = {gap:+.1f} points (target >= +10: {'met' if gap >= 10 else 'MISSED'})")
+
+
+if __name__ == "__main__":
+    main()
