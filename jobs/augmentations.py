@@ -40,12 +40,15 @@ def vertical_flip(x: torch.Tensor, g: torch.Generator, p: float = 0.5) -> torch.
 
 
 def random_resized_crop(x: torch.Tensor, g: torch.Generator, size: tuple[int, int] | None = None,
-                        scale: tuple[float, float] = (0.1, 1.0), ratio: tuple[float, float] = (0.5, 2.0)) -> torch.Tensor:
+                        scale: tuple[float, float] = (0.1, 1.0), ratio: tuple[float, float] = (0.5, 2.0),
+                        flip_p: float = 0.0) -> torch.Tensor:
     """Crop a random box per image and resize it to `size` (default: the input size), bilinear.
 
     Box area ~ U(scale) * H * W and aspect w/h ~ logU(ratio), as torchvision's RandomResizedCrop;
     a box that does not fit is clamped to the image (torchvision retries 10 times, then falls back
     to a centre crop: clamping is the batched equivalent). All crops are one `grid_sample` call.
+    With flip_p > 0 each crop is also mirrored left-right with that probability, for free: the
+    sampling grid runs right to left (a negative x scale), no extra pass over the pixels.
     x: (B, C, H, W) -> (B, C, *size).
     """
     B, _, H, W = x.shape
@@ -60,6 +63,8 @@ def random_resized_crop(x: torch.Tensor, g: torch.Generator, size: tuple[int, in
     cx = (_uniform(B, 0, 1, g) * 2 - 1) * (1 - bw)
     cy = (_uniform(B, 0, 1, g) * 2 - 1) * (1 - bh)
     theta = torch.zeros(B, 2, 3, device=x.device, dtype=x.dtype)
+    if flip_p:
+        bw = torch.where(torch.rand(B, generator=g, device=g.device) < flip_p, -bw, bw)
     theta[:, 0, 0], theta[:, 0, 2] = bw, cx
     theta[:, 1, 1], theta[:, 1, 2] = bh, cy
     grid = F.affine_grid(theta, [B, x.shape[1], out_h, out_w], align_corners=False)
@@ -150,9 +155,20 @@ def parse_aug_names(text: str) -> list[str]:
 
 
 def compose(names: Sequence[str], spec: AugmentSpec | None = None) -> Augment:
-    """One function applying the named augmentations in order (identity for an empty list)."""
+    """One function applying the named augmentations in order (identity for an empty list).
+
+    A horizontal flip next to a crop is folded into the crop's sampling grid (one pass instead of
+    two); the result has the same distribution, since flips commute with the other augmentations
+    (crop boxes are placed symmetrically, colour jitter acts per pixel).
+    """
     spec = spec or AugmentSpec()
-    fns = [AUGMENTATIONS[n](spec) for n in names]
+    names = list(names)
+    if "crop" in names and "flip" in names:
+        names.remove("flip")
+        fns = [(lambda x, g: random_resized_crop(x, g, spec.crop_size, spec.crop_scale, spec.crop_ratio, spec.flip_p))
+               if n == "crop" else AUGMENTATIONS[n](spec) for n in names]
+    else:
+        fns = [AUGMENTATIONS[n](spec) for n in names]
 
     def apply(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         for fn in fns:

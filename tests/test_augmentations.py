@@ -82,3 +82,14 @@ def test_parse_names():
     with pytest.raises(UserError, match="unknown augmentation"):
         parse_aug_names("flip,blur")
     assert torch.equal(compose([])(batch(), gen()), batch())
+
+
+def test_flip_folded_into_crop():
+    x = batch()
+    full = dict(scale=(1.0, 1.0), ratio=(10 / 12, 10 / 12))
+    torch.testing.assert_close(random_resized_crop(x, gen(), flip_p=1.0, **full), x.flip(-1), atol=1e-5, rtol=0)
+    # in a composition, flip+crop is one pass that flips about half the images
+    aug = compose(["flip", "crop"], AugmentSpec(crop_scale=(1.0, 1.0), crop_ratio=(10 / 12, 10 / 12)))
+    y = aug(batch(n=64), gen())
+    flipped = sum(torch.allclose(y[i], batch(n=64)[i].flip(-1), atol=1e-5) for i in range(64))
+    assert 10 < flipped < 54
