@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import os
 import shutil
 import sys
@@ -32,7 +31,8 @@ import torch
 from jobs import engine
 from jobs.augmentations import horizontal_flip
 from jobs.cli import UserError, config_from_args, init_ray, run_cli
-from jobs.data import IMAGE_EXTENSIONS, ImageData, _cached, iterate_batches, load_image_data, num_batches, shard_indices
+from jobs.data import (IMAGE_EXTENSIONS, ImageData, _cached, _decode, iterate_batches, load_image_data, num_batches,
+                       shard_indices)
 from jobs.style import (IMAGENET_MEAN, IMAGENET_STD, StyleConfig, Targets, VGGFeatures, check_layers, gram,
                         load_image, load_vgg, weighted_losses)
 from jobs.transformer_net import MIN_SIDE, TransformerNet, save_style_model, valid_style_name
@@ -50,7 +50,7 @@ class Config:
     style_name: str = ""           # served under this name; "" -> the style file's stem
     data: str = ""                 # ImageFolder / flat folder or .zip of content images | cifar10 | synthetic[:N]
     data_root: str = "data"        # downloads and decoded-tensor cache
-    image_size: int = 256          # content images: shorter side resized, centre-cropped square (ImageFolder: resized)
+    image_size: int = 256          # content images: shorter side resized, then a centre-cropped square
     style_size: int = 256          # the style image's shorter side when its Gram targets are computed
     limit_train: int | None = None  # decode/use only the first N training images (each costs 3*size^2 bytes of RAM)
     limit_test: int | None = None
@@ -93,9 +93,9 @@ class Config:
 def load_content_images(source: str, root: str, image_size: int, limit_train: int | None = None) -> ImageData:
     """Content images as uint8 (N, 3, S, S) tensors; `test_x` is the validation set.
 
-    ImageFolder trees, cifar10 and synthetic go through jobs.data (resized to S x S). Any other
-    folder or .zip is a flat collection (COCO): every image, shorter side resized to S then
-    centre-cropped, the last 2% (8..500, at most half) held out for validation; decoded once and cached.
+    cifar10 and synthetic go through jobs.data as they are; ImageFolder trees too, with the shorter
+    side resized to S and a centre crop (Johnson's preprocessing, jobs.data's fit="center"). Any other
+    folder or .zip is a flat collection (COCO): every image, resized and cropped the same way, the last 2% (8..500, at most half) held out for validation; decoded once and cached.
     """
     if source in ("cifar10", "synthetic") or source.startswith("synthetic:"):
         return load_image_data(source, root, image_size)
@@ -105,7 +105,7 @@ def load_content_images(source: str, root: str, image_size: int, limit_train: in
     names, read, close = _list_images(path)
     try:
         if _is_image_folder(names):
-            return load_image_data(str(path), root, image_size)
+            return load_image_data(str(path), root, image_size, fit="center")
         if not names:
             raise UserError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         n_val = min(max(8, len(names) // 50), 500, len(names) // 2)
@@ -113,14 +113,15 @@ def load_content_images(source: str, root: str, image_size: int, limit_train: in
         train_names = train_names[:limit_train] if limit_train else train_names
 
         def build() -> ImageData:
-            tx = np.stack([_decode_square(read(n), n, image_size) for n in train_names])
-            vx = np.stack([_decode_square(read(n), n, image_size) for n in val_names])
+            tx = np.stack([_decode(read(n), n, image_size, "center") for n in train_names])
+            vx = np.stack([_decode(read(n), n, image_size, "center") for n in val_names])
             as_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # noqa: E731
             return ImageData(as_t(tx), torch.zeros(len(tx), dtype=torch.long), as_t(vx),
                              torch.zeros(len(vx), dtype=torch.long), ["image"])
 
-        # the key string carries everything the decoded tensors depend on besides the file itself
-        return _cached(path, Path(root), f"flat-{image_size}-{limit_train}", build)
+        # jobs.data's cache keys on the file, the size and the `fit` string: the flat layout and the
+        # training limit go into that string, so these tensors never collide with an ImageFolder cache
+        return _cached(path, Path(root), image_size, f"center-flat-{limit_train}", build)
     finally:
         close()
 
@@ -143,22 +144,6 @@ def _is_image_folder(names: list[str]) -> bool:
     def has(split):
         return any(f"/{split}/" in f"/{n}" and len(n.split(f"{split}/", 1)[1].split("/")) == 2 for n in names)
     return has("train") and has("test")
-
-
-def _decode_square(raw: bytes, name: str, size: int) -> np.ndarray:
-    """Bytes -> (size, size, 3) uint8: shorter side resized to `size`, centre crop (Johnson's preprocessing)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            s = size / min(w, h)
-            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
-            left, top = (im.width - size) // 2, (im.height - size) // 2
-            return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-        raise UserError(f"cannot decode image {name}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- losses
