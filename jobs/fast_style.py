@@ -6,7 +6,7 @@ optimises per image (VGG-19 content + Gram style + TV losses, weights applied in
 DDP on Ray Train through the project's one loop (`jobs.engine`, via `TrainSetup.step_loss`).
 
     python -m jobs.fast_style --style ../shared/data/autumn-oak.jpg --data ../shared/data/cifar10-jpeg.zip \\
-        --image-size 128 --limit-train 2000 --epochs 2 --registry styles      # then: python -m serve --fast-styles styles
+        --image-size 64 --limit-train 2000 --epochs 2 --registry styles      # then: python -m serve --fast-styles styles
     python -m jobs.fast_style --style oak.jpg --data synthetic:64 --weights random --image-size 32   # offline smoke run
 
 --data: an ImageFolder tree (train/ + test/: test/ is the validation set), a flat folder or .zip of
