@@ -87,6 +87,13 @@ def test_content_loader_flat_zip_is_square_with_a_validation_slice(tmp_path):
     assert data.train_x.dtype == torch.uint8
     limited = fast_style.load_content_images(str(tmp_path / "flat.zip"), str(tmp_path / "cache"), 24, limit_train=10)
     assert len(limited.train_x) == 10
+    # an ImageFolder tree keeps its own split: test/ validates
+    with zipfile.ZipFile(tmp_path / "folder.zip", "w") as zf:
+        for i in range(3):
+            zf.writestr(f"train/cls/{i}.png", image_bytes((30, 40), seed=i))
+        zf.writestr("test/cls/0.png", image_bytes((50, 20), seed=9))
+    data = fast_style.load_content_images(str(tmp_path / "folder.zip"), str(tmp_path / "cache"), 16)
+    assert data.train_x.shape == (3, 3, 16, 16) and data.test_x.shape == (1, 3, 16, 16)
 
 
 # ----------------------------------------------------------------------------- training on Ray
