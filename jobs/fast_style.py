@@ -357,6 +357,8 @@ def main(argv=None) -> int:
     except TypeError as e:
         raise UserError(f"bad config: {e}") from None
     validate(cfg)
+    # the workers write the preview sheets into the run directory and do not run in this directory
+    cfg = dataclasses.replace(cfg, storage_path=str(engine.run_dir(cfg).parent))
     engine.check_storage(cfg)
     print("config:", dataclasses.asdict(cfg), flush=True)
     if cfg.weights == "random":
