@@ -386,6 +386,27 @@ def check_resources(num_workers: int, cpus_per_worker: int, use_gpu: bool, wait_
                         f"{have.get('GPU', 0):g}; lower --num-workers or drop --use-gpu")
 
 
+# config fields that may name local files or directories (datasets, data roots, weights, images)
+PATH_FIELDS = ("data", "data_root", "weights", "style", "content")
+
+
+def absolute_paths(cfg):
+    """Relative local paths in `cfg` made absolute against the driver's working directory.
+
+    Ray Train workers do not run in the driver's directory, so `--data ./set.zip` must reach
+    them as an absolute path (on a multi-node cluster it must also exist on every node: shared
+    storage). Names that are not existing paths ("cifar10", "imagenet", ...) and URIs are kept.
+    """
+    changes = {}
+    for name in PATH_FIELDS:
+        value = getattr(cfg, name, None)
+        if not isinstance(value, str) or not value or is_uri(value) or os.path.isabs(value):
+            continue
+        if name == "data_root" or os.path.exists(value):
+            changes[name] = os.path.abspath(os.path.expanduser(value))
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def fit(job: str, cfg, max_failures: int = 3, callbacks: Iterable[Any] = ()) -> dict[str, Any]:
     """Run job module `job` with config `cfg` on Ray Train; write and return `result.json`'s content.
 
@@ -398,6 +419,7 @@ def fit(job: str, cfg, max_failures: int = 3, callbacks: Iterable[Any] = ()) -> 
 
     out = check_storage(cfg)
     check_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
+    cfg = absolute_paths(cfg)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job, "config": dataclasses.asdict(cfg)},

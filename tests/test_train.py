@@ -59,11 +59,30 @@ def test_worker_failure_resumes_from_checkpoint(local_ray, tmp_path):
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
 
 
-def test_rerun_with_same_name_resumes(local_ray, tmp_path):
-    first = engine.fit("jobs.augment", Config(**TINY, epochs=1, storage_path=str(tmp_path), name="resume"))
-    second = engine.fit("jobs.augment", Config(**TINY, epochs=2, storage_path=str(tmp_path), name="resume"))
+def _write_image_folder(root, n_train=256, n_test=64, size=16):
+    """A synthetic ImageFolder tree of PNGs: root/{train,test}/<class>/<i>.png."""
+    from PIL import Image
+    from jobs.data import make_synthetic
+    d = make_synthetic(n_train, n_test, size=size)
+    for split, xs, ys in (("train", d.train_x, d.train_y), ("test", d.test_x, d.test_y)):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            folder = root / split / d.classes[int(y)]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+
+
+def test_rerun_with_same_name_resumes_with_relative_paths(local_ray, tmp_path, monkeypatch):
+    # relative --data / --data-root / --storage-path, as a user types them: the workers do not
+    # run in the driver's directory, so the engine must hand them absolute paths
+    monkeypatch.chdir(tmp_path)
+    _write_image_folder(tmp_path / "set")
+    tiny = {**TINY, "data": "set", "data_root": "cache", "storage_path": "runs", "name": "resume"}
+    first = engine.fit("jobs.augment", Config(**tiny, epochs=1))
+    second = engine.fit("jobs.augment", Config(**tiny, epochs=2))
     assert len(second["history"]) == 2
     assert second["history"][0] == first["history"][0]  # epoch 1 was not run again
+    assert (tmp_path / "runs" / "resume" / "result.json").exists()
+    assert list((tmp_path / "cache" / "cache").glob("set-*.pt"))  # the decode cache landed in --data-root
 
 
 def test_more_workers_than_cpus_fails_fast(local_ray, tmp_path):
