@@ -14,7 +14,6 @@ repeated --repeats times, the median is reported. Then an overload run at twice 
 batched service's capacity (ongoing + queued) counts the answers by status: the target is
 no errors other than 503.
 """
-from __future__ import annotations
 
 import argparse
 import asyncio
@@ -49,6 +48,7 @@ def plain_app(artifact: str, threads: int):
     transform = preset.eval_transform()
     app = FastAPI()
 
+    # (Request is resolved from this function's scope: no `from __future__ import annotations` here)
     @app.post("/classify")
     async def classify(request: Request):
         img = Image.open(io.BytesIO(await request.body())).convert("RGB")
@@ -151,6 +151,69 @@ def make_inputs(tmp: Path, arch: str, crop: int, image: str | None) -> tuple[Pat
     return art, body
 
 
+def measure(args, artifact: Path, body: bytes, plain_port: int):
+    """Start both Serve apps, wait for all three servers, run the interleaved cells and the overload."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    # logical CPUs: each classifier replica reserves `threads` of them; only one server is loaded at a time
+    for attempt in range(3):  # a raylet start can time out on a heavily loaded machine: try again
+        try:
+            ray.init(num_cpus=2 * args.threads, include_dashboard=False, object_store_memory=256 * 1024**2,
+                     log_to_driver=False)
+            break
+        except Exception as e:  # noqa: BLE001 - ray raises a bare Exception for this
+            print(f"ray.init failed ({str(e)[:80]}); retrying", flush=True)
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    common = dict(classifier=str(artifact), style=False, classifier_cpus=args.threads, classifier_max_ongoing=32,
+                  classifier_max_queued=64, batch_wait_timeout_s=0.01)
+    serve.run(build_app({**common, "max_batch_size": args.max_batch_size}), name="batched", route_prefix="/batched")
+    serve.run(build_app({**common, "max_batch_size": 1}), name="unbatched", route_prefix="/unbatched")
+    servers = {"serve-batched": f"http://127.0.0.1:{args.port}/batched/classify",
+               "serve-unbatched": f"http://127.0.0.1:{args.port}/unbatched/classify",
+               "plain-fastapi": f"http://127.0.0.1:{plain_port}/classify"}
+    wait_http(f"http://127.0.0.1:{args.port}/batched/healthz")
+    wait_http(f"http://127.0.0.1:{args.port}/unbatched/healthz")
+
+    deadline = time.time() + 300
+    while True:  # the plain server has no health route: wait for a real answer
+        try:
+            if httpx.post(servers["plain-fastapi"], content=body, timeout=30).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise SystemExit("plain server did not start")
+        time.sleep(0.5)
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    cells: dict[str, dict[int, list[dict]]] = {s: {c: [] for c in levels} for s in servers}
+    for name, url in servers.items():  # warm-up: first batches, allocator, connection pools
+        asyncio.run(closed_loop(url, body, 8, 3, 30))
+    for r in range(args.repeats):  # interleaved, so drift in machine load hits every server alike
+        for c in levels:
+            for name, url in servers.items():
+                n = max(args.requests_per_client, -(-24 // c))
+                res = asyncio.run(closed_loop(url, body, c, n, args.max_seconds))
+                cells[name][c].append(res)
+                print(f"repeat {r + 1} c={c:3d} {name:16s} {res['rps']:7.2f} req/s  p50 {res['p50_ms']:7.1f} ms  "
+                      f"p99 {res['p99_ms']:7.1f} ms  {res['statuses']}", flush=True)
+    overload = None
+    if args.overload_seconds > 0:
+        capacity = 32 + 64  # classifier_max_ongoing + classifier_max_queued of the batched app
+        overload = asyncio.run(closed_loop(servers["serve-batched"], body, 2 * capacity, 10**6,
+                                           args.overload_seconds, backoff_503_s=0.1))
+        overload["concurrency"] = 2 * capacity
+        print(f"overload c={2 * capacity}: {overload['statuses']}  ({overload['rps']:.2f} req/s answered 200)")
+    return cells, overload, levels, servers
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="resnet18", choices=["resnet18", "cifar_resnet18"], help="model architecture")
@@ -172,67 +235,24 @@ def main(argv=None) -> int:
         return 0
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # on a loaded machine the raylet's wait for its metrics agent (default 30 s) can expire
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
     import ray
     from ray import serve
-
-    from serve.app import build_app
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     artifact, body = make_inputs(tmp, args.arch, args.crop, args.image)
     plain_port = args.port + 1
     plain = subprocess.Popen([sys.executable, __file__, "--plain-server", str(artifact), "--port", str(plain_port),
-                              "--threads", str(args.threads)], cwd=ROOT)
-    # logical CPUs: each classifier replica reserves `threads` of them; only one server is loaded at a time
-    ray.init(num_cpus=2 * args.threads, include_dashboard=False, object_store_memory=256 * 1024**2,
-             log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    common = dict(classifier=str(artifact), style=False, classifier_cpus=args.threads, classifier_max_ongoing=32,
-                  classifier_max_queued=64, batch_wait_timeout_s=0.01)
-    serve.run(build_app({**common, "max_batch_size": args.max_batch_size}), name="batched", route_prefix="/batched")
-    serve.run(build_app({**common, "max_batch_size": 1}), name="unbatched", route_prefix="/unbatched")
-    servers = {"serve-batched": f"http://127.0.0.1:{args.port}/batched/classify",
-               "serve-unbatched": f"http://127.0.0.1:{args.port}/unbatched/classify",
-               "plain-fastapi": f"http://127.0.0.1:{plain_port}/classify"}
-    wait_http(f"http://127.0.0.1:{args.port}/batched/healthz")
-    wait_http(f"http://127.0.0.1:{args.port}/unbatched/healthz")
-    import httpx
-
-    deadline = time.time() + 300
-    while True:  # the plain server has no health route: wait for a real answer
-        try:
-            if httpx.post(servers["plain-fastapi"], content=body, timeout=30).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            raise SystemExit("plain server did not start")
-        time.sleep(0.5)
-
-    levels = [int(c) for c in args.concurrency.split(",")]
-    cells: dict[str, dict[int, list[dict]]] = {s: {c: [] for c in levels} for s in servers}
+                              "--threads", str(args.threads)], cwd=ROOT, stdout=subprocess.DEVNULL)
     try:
-        for name, url in servers.items():  # warm-up: first batches, allocator, connection pools
-            asyncio.run(closed_loop(url, body, 8, 3, 30))
-        for r in range(args.repeats):  # interleaved, so drift in machine load hits every server alike
-            for c in levels:
-                for name, url in servers.items():
-                    n = max(args.requests_per_client, -(-24 // c))
-                    res = asyncio.run(closed_loop(url, body, c, n, args.max_seconds))
-                    cells[name][c].append(res)
-                    print(f"repeat {r + 1} c={c:3d} {name:16s} {res['rps']:7.2f} req/s  p50 {res['p50_ms']:7.1f} ms  "
-                          f"p99 {res['p99_ms']:7.1f} ms  {res['statuses']}", flush=True)
-        overload = None
-        if args.overload_seconds > 0:
-            capacity = 32 + 64  # classifier_max_ongoing + classifier_max_queued of the batched app
-            overload = asyncio.run(closed_loop(servers["serve-batched"], body, 2 * capacity, 10**6,
-                                               args.overload_seconds, backoff_503_s=0.1))
-            overload["concurrency"] = 2 * capacity
-            print(f"overload c={2 * capacity}: {overload['statuses']}  ({overload['rps']:.2f} req/s answered 200)")
+        cells, overload, levels, servers = measure(args, artifact, body, plain_port)
     finally:
         plain.terminate()
         plain.wait(timeout=30)
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
 
     def med(name, c, key):
         return statistics.median(x[key] for x in cells[name][c])

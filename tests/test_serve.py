@@ -132,6 +132,8 @@ def server(tmp_path_factory):
     torch.manual_seed(1)
     art_b = save_artifact(tmp / "b", build_model("cifar_resnet18", 3).state_dict(), "cifar_resnet18",
                           ["x", "y", "z"], Preset.plain(16))
+    # the raylet waits for its metrics agent; on a busy shared machine the default 30 s can expire
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024**2)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     cfg = dict(classifier=str(art_a), max_batch_size=4, classifier_cpus=0.25, style_weights="random",
