@@ -323,6 +323,9 @@ def validate(cfg: Config) -> None:
     """Fail fast, on the driver, on inputs the workers would choke on."""
     if not cfg.style:
         raise UserError("--style IMAGE is required")
+    if engine.is_uri(cfg.storage_path) or engine.is_uri(cfg.registry):
+        raise UserError("jobs.fast_style needs filesystem paths for --storage-path and --registry (a shared "
+                        "filesystem on a multi-node cluster); URIs are not supported yet")
     if not cfg.data:
         raise UserError("--data is required (a folder or .zip of content images, cifar10 or synthetic[:N])")
     load_image(cfg.style, name="style image")

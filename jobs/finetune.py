@@ -350,23 +350,12 @@ def validate(cfg: Config) -> Source:
     return source
 
 
-def absolute_paths(cfg: Config) -> Config:
-    """Make local paths absolute: Ray Train workers do not run in the driver's working directory."""
-    def resolve(path: str) -> str:
-        p = Path(path).expanduser()
-        return str(p.resolve()) if p.exists() else path
-
-    return dataclasses.replace(cfg, data=resolve(cfg.data), weights=resolve(cfg.weights),
-                               data_root=str(Path(cfg.data_root).expanduser().resolve()))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = config_from_args(Config, args, args.config)
     except TypeError as e:
         raise UserError(f"bad config: {e}") from None
-    cfg = absolute_paths(cfg)
     validate(cfg)
     engine.check_storage(cfg)
     print("config:", dataclasses.asdict(cfg), flush=True)
