@@ -62,23 +62,32 @@ class TrainSetup:
     # .finish(model) before the final evaluation, .state_dict()/.load_state_dict() in checkpoints
     averager: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # a job that is not classification: (model, x, labels) -> (mean loss, {name: SUM over the batch's examples});
+    # the loop then reports train_/test_<name> (per-example means) instead of accuracy. None: loss_fn(model(x), labels)
+    step_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
+    metric_names: tuple[str, ...] = ()  # the names step_loss returns: reduced on every rank, even one without batches
+    # on rank 0 after each epoch's evaluation: (unwrapped model, epoch index), e.g. to write a preview sheet
+    after_epoch: Callable[[nn.Module, int], None] | None = None
 
 
 # ----------------------------------------------------------------------------- the loop
 
 def train_one_epoch(model, optimizer, loss_fn, batches: Batches, prepare, generator, device,
                     step0: int = 0, lr_at=None, scaler=None, amp_dtype=None, log=None,
-                    stop=None, after_step=None) -> dict[str, float]:
-    """One pass over this rank's shard. Returns sums (loss, correct, count) for cross-rank reduction.
+                    stop=None, after_step=None, step_loss=None) -> dict[str, float]:
+    """One pass over this rank's shard. Returns sums (loss, correct, count; step_loss's metrics) for
+    cross-rank reduction.
 
     lr_at(step) scales every group's base lr; stop(step) -> True ends the pass before that step
     (a planned step count or a spent time budget; it must answer the same on every rank);
-    after_step(step) runs after each optimizer step (weight averaging).
+    after_step(step) runs after each optimizer step (weight averaging); step_loss replaces
+    loss_fn(model(x), labels) for a job that is not classification (see TrainSetup.step_loss).
     """
     model.train()
     base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
+    sums: dict[str, torch.Tensor] = {}
     count, step = 0, step0
     for i, (images, labels) in enumerate(batches):
         if stop is not None and stop(step):
@@ -88,8 +97,11 @@ def train_one_epoch(model, optimizer, loss_fn, batches: Batches, prepare, genera
                 g["lr"] = lr * lr_at(step)
         x = prepare(images, True, generator)
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            logits = model(x)
-            loss = loss_fn(logits, labels)
+            if step_loss is None:
+                logits = model(x)
+                loss = loss_fn(logits, labels)
+            else:
+                loss, batch_sums = step_loss(model, x, labels)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -102,31 +114,65 @@ def train_one_epoch(model, optimizer, loss_fn, batches: Batches, prepare, genera
             after_step(step)
         # accumulate on the device: no host sync per step
         loss_sum += loss.detach().float() * labels.numel()
-        correct += (logits.argmax(1) == labels).sum()
+        if step_loss is None:
+            correct += (logits.argmax(1) == labels).sum()
+        else:
+            _add_sums(sums, batch_sums)
         count += labels.numel()
         step += 1
         if log is not None:
             log(i + 1, loss_sum, count)
-    return {"loss_sum": loss_sum, "correct": correct, "count": count, "steps": step - step0}
+    return {"loss_sum": loss_sum, "correct": correct, "count": count, "steps": step - step0, **sums}
 
 
 @torch.no_grad()
-def evaluate(model, loss_fn, batches: Batches, prepare, device, amp_dtype=None, predict=None) -> dict[str, Any]:
-    """Loss and accuracy sums over this rank's test shard (the unwrapped model: no DDP collectives).
-
-    predict(model, x) -> logits replaces model(x) (test-time augmentation)."""
+def evaluate(model, loss_fn, batches: Batches, prepare, device, amp_dtype=None, predict=None,
+             step_loss=None) -> dict[str, Any]:
+    """Loss and accuracy (or step_loss's metric) sums over this rank's test shard (the unwrapped
+    model: no DDP collectives). predict(model, x) -> logits replaces model(x) (test-time augmentation)."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
+    sums: dict[str, torch.Tensor] = {}
     count = 0
     for images, labels in batches:
         x = prepare(images, False, None)
+        if step_loss is not None:
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                loss, batch_sums = step_loss(model, x, labels)
+            loss_sum += loss.float() * labels.numel()
+            _add_sums(sums, batch_sums)
+            count += labels.numel()
+            continue
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
             logits = predict(model, x) if predict is not None else model(x)
         loss_sum += loss_fn(logits.float(), labels) * labels.numel()
         correct += (logits.argmax(1) == labels).sum()
         count += labels.numel()
-    return {"loss_sum": loss_sum, "correct": correct, "count": count}
+    return {"loss_sum": loss_sum, "correct": correct, "count": count, **sums}
+
+
+def _add_sums(sums: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
+    """sums[k] += batch[k] (detached, fp32), on the device: no host sync per step."""
+    for k, v in batch.items():
+        v = v.detach().float()
+        sums[k] = sums[k] + v if k in sums else v
+
+
+def epoch_means(split: str, sums: dict[str, float] | None, classification: bool,
+                metric_names: tuple[str, ...] = ()) -> dict[str, float | None]:
+    """Reduced sums -> per-example means: {split_loss, split_acc} or {split_loss, split_<metric>...}.
+    sums None (a split not evaluated this epoch): the same keys, valued None."""
+    if sums is None:
+        names = ("acc",) if classification else metric_names
+        return {f"{split}_loss": None, **{f"{split}_{k}": None for k in names}}
+    n = max(sums["count"], 1)
+    out = {f"{split}_loss": sums["loss_sum"] / n}
+    if classification:
+        out[f"{split}_acc"] = sums["correct"] / n
+    else:
+        out.update({f"{split}_{k}": v / n for k, v in sums.items() if k not in ("loss_sum", "correct", "count", "steps")})
+    return out
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -225,7 +271,8 @@ def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
             log = _fail_after_first_batch(log)
         steps.start_clock()
         train = train_one_epoch(ddp_model, setup.optimizer, setup.loss_fn, setup.train_batches(epoch), setup.prepare,
-                                g, device, step0, lr_at, scaler, amp_dtype, log, stop=steps.done, after_step=after_step)
+                                g, device, step0, lr_at, scaler, amp_dtype, log, stop=steps.done, after_step=after_step,
+                                step_loss=setup.step_loss)
         steps.stop_clock()
         train_time = time.perf_counter() - t0
         epochs = math.ceil(steps.total / setup.steps_per_epoch)
@@ -233,17 +280,17 @@ def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
         if last and setup.averager is not None:
             setup.averager.finish(model)
         steps_done = step0 + train.pop("steps")
-        train = all_reduce_sums(train, device)
-        test = {"loss_sum": None, "correct": None, "count": 1}  # not evaluated this epoch
+        zeros = dict.fromkeys(setup.metric_names, 0.0)  # every rank must reduce the same keys
+        train = all_reduce_sums({**zeros, **train}, device)
+        classification = setup.step_loss is None
+        test = None  # not evaluated this epoch
         if last or (eval_every and (epoch + 1) % eval_every == 0):
-            test = all_reduce_sums(evaluate(model, setup.loss_fn, setup.test_batches(), setup.prepare, device,
-                                            amp_dtype, setup.predict), device)
+            test = all_reduce_sums({**zeros, **evaluate(model, setup.loss_fn, setup.test_batches(), setup.prepare,
+                                                        device, amp_dtype, setup.predict, setup.step_loss)}, device)
         metrics = {
             "epoch": epoch + 1,
-            "train_loss": train["loss_sum"] / max(train["count"], 1),
-            "train_acc": train["correct"] / max(train["count"], 1),
-            "test_loss": test["loss_sum"] / max(test["count"], 1) if test["loss_sum"] is not None else None,
-            "test_acc": test["correct"] / max(test["count"], 1) if test["correct"] is not None else None,
+            **epoch_means("train", train, classification),
+            **epoch_means("test", test, classification, setup.metric_names),
             "examples_per_sec": train["count"] / train_time,
             "epoch_time_s": time.perf_counter() - t0,
             "lr": setup.optimizer.param_groups[0]["lr"],
@@ -253,10 +300,12 @@ def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
         history.append(metrics)
         plan = {**steps.state(), "done": last}
         if rank == 0:
-            test_acc = f"{metrics['test_acc']:.3f}" if metrics["test_acc"] is not None else "-"
-            print(f"epoch {epoch + 1}/{epochs}  train loss {metrics['train_loss']:.3f}  train acc "
-                  f"{metrics['train_acc']:.3f}  test acc {test_acc}  "
-                  f"{metrics['examples_per_sec']:.0f} examples/s  ({steps.elapsed:.0f} s of training)", flush=True)
+            tested = "  ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in metrics.items()
+                               if k.startswith(("train_", "test_")) and k != "train_time_s" and v is not None)
+            print(f"epoch {epoch + 1}/{epochs}  {tested}  {metrics['examples_per_sec']:.1f} examples/s  "
+                  f"({steps.elapsed:.0f} s of training)", flush=True)
+        if rank == 0 and setup.after_epoch is not None:
+            setup.after_epoch(model, epoch)
         _report(session, metrics, model, setup, cfg, epoch, history, rank, plan)
         if last:
             break
@@ -586,7 +635,7 @@ def write_outputs(out: Path, summary: dict[str, Any]) -> None:
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Train loss and train/test accuracy per epoch, as the reference plots them."""
+    """Train loss and train/test accuracy per epoch, as the reference plots them (train/test loss without accuracy)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -595,9 +644,13 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
-    ax.plot(epochs, [h["train_acc"] for h in history], "--", label="train acc")
-    tested = [h for h in history if h.get("test_acc") is not None]  # --eval-every may skip epochs
-    ax.plot([h["epoch"] for h in tested], [h["test_acc"] for h in tested], "-.", marker=".", label="test acc")
+    if "train_acc" in history[0]:
+        ax.plot(epochs, [h["train_acc"] for h in history], "--", label="train acc")
+        tested = [h for h in history if h.get("test_acc") is not None]  # --eval-every may skip epochs
+        ax.plot([h["epoch"] for h in tested], [h["test_acc"] for h in tested], "-.", marker=".", label="test acc")
+    else:
+        tested = [h for h in history if h.get("test_loss") is not None]
+        ax.plot([h["epoch"] for h in tested], [h["test_loss"] for h in tested], "-.", marker=".", label="test loss")
     ax.set_xlabel("epoch")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)

@@ -56,6 +56,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--sync-timeout-s", type=float, default=d.sync_timeout_s, help="POST /style answers 408 past this")
     g.add_argument("--job-max-attempts", type=int, default=d.job_max_attempts,
                    help="attempts per job when its replica dies")
+    g = p.add_argument_group("real-time style transfer")
+    g.add_argument("--fast-styles", default=d.fast_styles, metavar="DIR",
+                   help="registry of trained style networks (python -m jobs.fast_style --registry DIR); default: off")
+    g.add_argument("--fast-style-replicas", type=int, default=d.fast_style_replicas, help="replicas serving them")
+    g.add_argument("--fast-style-cpus", type=float, default=d.fast_style_cpus, help="CPUs per replica")
+    g.add_argument("--fast-style-gpus", type=float, default=d.fast_style_gpus, help="GPUs per replica")
+    g.add_argument("--fast-style-max-side", type=int, default=d.fast_style_max_side,
+                   help="larger images are scaled down to this longer side first")
     return p.parse_args(argv)
 
 
@@ -70,6 +78,9 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
         style_max_replicas=args.style_max_replicas, style_cpus=args.style_cpus, style_gpus=args.style_gpus,
         max_style_jobs=args.max_style_jobs, style_max_steps=args.style_max_steps,
         sync_timeout_s=args.sync_timeout_s, job_max_attempts=args.job_max_attempts,
+        fast_styles=args.fast_styles, fast_style_replicas=args.fast_style_replicas,
+        fast_style_cpus=args.fast_style_cpus, fast_style_gpus=args.fast_style_gpus,
+        fast_style_max_side=args.fast_style_max_side,
     ).validate()
 
 
@@ -89,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         _, classes, preset, manifest = load_artifact(cfg.classifier)
     except ArtifactError as e:
         raise UserError(str(e)) from None
+    if cfg.fast_styles and not os.path.isdir(cfg.fast_styles):
+        raise UserError(f"--fast-styles {cfg.fast_styles} is not a directory (train one: python -m jobs.fast_style --registry DIR)")
     if cfg.style:
         from jobs.style import load_vgg
 

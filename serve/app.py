@@ -9,6 +9,9 @@ Routes (OpenAPI at /docs):
     GET  /style/jobs/{id}/result    the PNG once done (409 before)
     DELETE /style/jobs/{id}         cancel
     POST /style                     like /style/jobs but waits: PNG, or 408 past sync_timeout_s
+    GET  /styles                    the trained style networks served (registry `fast_styles`)
+    GET  /styles/{name}/image       a style's style image (JPEG thumbnail)
+    POST /style/fast?style=NAME     image (raw body, or multipart `image` + text `style`) -> PNG, one forward pass
 
 Every client mistake is a 4xx with {"error": "..."}; the ingress checks sizes and images before
 anything reaches a model replica. Style jobs are driven from here: see `Ingress._drive`.
@@ -37,6 +40,7 @@ from jobs.cli import UserError
 from jobs.style import ImageInputError, StyleConfig, load_image
 from serve.classifier import ClassifierDeployment
 from serve.config import ServeConfig, config_from_dict
+from serve.fast_style import FastStylePool
 from serve.job_store import get_or_create_store
 from serve.page import PAGE
 from serve.style_pool import StylePool
@@ -199,10 +203,12 @@ def style_job_config(options: Any, cfg: ServeConfig, sync: bool) -> dict:
 class Ingress:
     """Checks and routes requests; drives style jobs (submission, replica-death retries, heartbeat)."""
 
-    def __init__(self, classifier: DeploymentHandle, style: DeploymentHandle | None, cfg: dict):
+    def __init__(self, classifier: DeploymentHandle, style: DeploymentHandle | None, cfg: dict,
+                 fast: DeploymentHandle | None = None):
         self.cfg = ServeConfig(**cfg)
         self.classifier = classifier
         self.style = style
+        self.fast = fast  # FastStylePool: trained style networks, multiplexed by style name
         self.store = None
         if style is not None:
             c = self.cfg
@@ -321,6 +327,64 @@ class Ingress:
             raise ApiError(422, job["error"], job=job_id)
         raise ApiError(503, f"style job {status}: {job.get('error')}", {"Retry-After": "5"}, job=job_id)
 
+    # ---------------------------------------------------------------- real-time style (trained networks)
+
+    def _fast(self) -> DeploymentHandle:
+        if self.fast is None:
+            raise ApiError(404, "real-time style transfer is not enabled on this server (start it with --fast-styles DIR)")
+        return self.fast
+
+    @app.get("/styles", summary="The trained styles served by POST /style/fast")
+    async def list_styles(self) -> dict:
+        if self.fast is None:
+            return {"styles": []}
+        try:
+            return {"styles": await self.fast.styles.remote()}
+        except (RayActorError, DeploymentUnavailableError, BackPressureError) as e:
+            raise ApiError(503, f"style networks unavailable ({type(e).__name__}); retry shortly",
+                           {"Retry-After": "5"}) from None
+
+    @app.get("/styles/{name}/image", summary="A style's style image (JPEG thumbnail)",
+             responses={200: {"content": {"image/jpeg": {}}}})
+    async def style_image(self, name: str) -> Response:
+        data = await self._fast().thumbnail.remote(name)
+        if data is None:
+            raise ApiError(404, f"no style image for {name!r}")
+        return Response(data, media_type="image/jpeg")
+
+    @app.post("/style/fast", summary="Stylize an image with a trained style network (one forward pass) -> PNG",
+              openapi_extra={"parameters": [{"name": "style", "in": "query", "required": False,
+                                             "schema": {"type": "string"}, "description": "style name (GET /styles)"}],
+                             "requestBody": {"required": True, "content": {
+                                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                                 "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+                                     "image": {"type": "string", "format": "binary"},
+                                     "style": {"type": "string"}}}}}}},
+              responses={200: {"content": {"image/png": {}}}, 404: {"description": "unknown style"},
+                         422: {"description": "not a usable image, or no style named"}})
+    async def style_fast(self, request: Request) -> Response:
+        fast = self._fast()
+        body = await read_body(request, self.cfg.max_body_bytes)
+        name = request.query_params.get("style")
+        if is_multipart(request):
+            form = await read_form(request, body, files=("image",), fields=("style",))
+            if name and form.get("style") and form["style"] != name:
+                raise ApiError(422, "style given twice (query and form) with different values")
+            body, name = form["image"], name or form.get("style")
+        if not name:
+            raise ApiError(422, "name a style: ?style=NAME or the form field 'style' (GET /styles lists them)")
+        try:
+            out = await fast.options(multiplexed_model_id=name).stylize.remote(body)
+        except BackPressureError:
+            raise ApiError(503, "style networks are at capacity; retry shortly", {"Retry-After": "1"}) from None
+        except (RayActorError, DeploymentUnavailableError) as e:
+            raise ApiError(503, f"style networks unavailable ({type(e).__name__}); retry shortly",
+                           {"Retry-After": "5"}) from None
+        if "error" in out:
+            raise ApiError(out["status"], out["error"])
+        return Response(out["png"], media_type="image/png",
+                        headers={"X-Style": name, "X-Inference-Ms": f"{out['ms']:.1f}"})
+
     # ---------------------------------------------------------------- job plumbing
 
     def _store(self):
@@ -424,5 +488,12 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
             **scaling, max_ongoing_requests=1, ray_actor_options={"num_cpus": cfg.style_cpus, **gpu},
         ).bind(weights=cfg.style_weights, device=cfg.style_device, threads=max(1, round(cfg.style_cpus)),
                store=[cfg.job_store_name, cfg.max_style_jobs, cfg.job_lease_s, cfg.job_ttl_s, cfg.job_max_attempts])
+    fast = None
+    if cfg.fast_styles:
+        gpu = {"num_gpus": cfg.fast_style_gpus} if cfg.fast_style_gpus else {}
+        fast = FastStylePool.options(
+            num_replicas=cfg.fast_style_replicas, ray_actor_options={"num_cpus": cfg.fast_style_cpus, **gpu},
+        ).bind(registry=os.path.abspath(cfg.fast_styles), threads=max(1, round(cfg.fast_style_cpus)),
+               use_gpu=cfg.fast_style_gpus > 0, max_side=cfg.fast_style_max_side, max_pixels=cfg.max_pixels)
     return Ingress.options(max_ongoing_requests=cfg.ingress_max_ongoing, ray_actor_options={"num_cpus": cfg.ingress_cpus},
-                           ).bind(classifier, style, dataclasses.asdict(cfg))
+                           ).bind(classifier, style, dataclasses.asdict(cfg), fast)

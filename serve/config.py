@@ -47,6 +47,12 @@ class ServeConfig:
     job_lease_s: float = 120.0  # a job nobody heartbeats for this long is marked failed
     job_ttl_s: float = 3600.0  # finished jobs (and their PNG) are kept this long
     job_store_name: str = "raycv_style_jobs"  # the detached job-store actor
+    # real-time style transfer: trained style networks (python -m jobs.fast_style --registry DIR)
+    fast_styles: str = ""  # the registry directory, <dir>/<style name>/; "" -> not served
+    fast_style_replicas: int = 1
+    fast_style_cpus: float = 1.0
+    fast_style_gpus: float = 0.0
+    fast_style_max_side: int = 1024  # larger images are scaled down (aspect kept) before the forward pass
     ingress_max_ongoing: int = 256
     ingress_cpus: float = 0.0  # it mostly awaits; image checks are short
 
@@ -56,13 +62,13 @@ class ServeConfig:
             raise UserError("a classifier artifact directory is required (--classifier DIR)")
         for name in ("max_batch_size", "classifier_replicas", "classifier_max_ongoing", "classifier_max_queued",
                      "max_pixels", "max_style_jobs", "style_max_steps", "style_max_size", "sync_max_size",
-                     "job_max_attempts", "ingress_max_ongoing"):
+                     "job_max_attempts", "ingress_max_ongoing", "fast_style_replicas", "fast_style_max_side"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.style and self.style_replicas < 1:
             raise UserError(f"style_replicas must be >= 1, got {self.style_replicas}")
         for name in ("batch_wait_timeout_s", "classifier_cpus", "classifier_gpus", "style_cpus", "style_gpus",
-                     "ingress_cpus"):
+                     "ingress_cpus", "fast_style_cpus", "fast_style_gpus"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_body_mb", "sync_timeout_s", "job_lease_s", "job_ttl_s"):

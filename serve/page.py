@@ -1,4 +1,5 @@
-"""The web page served at GET /: classify an upload; stylize a content image with a style image.
+"""The web page served at GET /: classify an upload; stylize a content image with a style image;
+stylize an image at once with one of the trained style networks (GET /styles, POST /style/fast).
 
 One static HTML string with plain JavaScript (no build step, no external assets): it calls the
 same JSON API as any client (POST /classify, POST /style/jobs, polling GET /style/jobs/{id}).
@@ -36,6 +37,19 @@ The JSON API is documented at <a href="docs">/docs</a>.</p>
   <p id="classify-status" class="muted"></p>
   <p>Label: <strong id="label"></strong> <span id="score" class="muted"></span></p>
   <table id="probabilities"></table>
+</section>
+
+<section>
+  <h2>Real-time style transfer</h2>
+  <p class="muted">Trained style networks: one forward pass per image.</p>
+  <form id="fast-form">
+    <label>Style <select id="fast-style" required></select></label>
+    <label>Image <input type="file" id="fast-file" name="image" accept="image/*" required></label>
+    <button type="submit" id="fast-submit">Stylize now</button>
+  </form>
+  <p id="fast-status" class="muted"></p>
+  <img id="fast-style-image" alt="" hidden style="max-height: 8rem">
+  <img id="fast-result" alt="" hidden>
 </section>
 
 <section>
@@ -85,6 +99,49 @@ $("classify-form").addEventListener("submit", async (ev) => {
     $("probabilities").appendChild(tr);
   }
 });
+
+async function loadStyles() {
+  const select = $("fast-style"), status = $("fast-status");
+  const resp = await fetch("styles");
+  if (!resp.ok) { status.className = "error"; status.textContent = await errorText(resp); return; }
+  const styles = (await resp.json()).styles;
+  select.innerHTML = "";
+  for (const s of styles) {
+    const opt = document.createElement("option");
+    opt.value = s.name; opt.textContent = s.name; select.appendChild(opt);
+  }
+  $("fast-submit").disabled = styles.length === 0;
+  if (styles.length === 0) status.textContent = "no trained styles on this server (python -m jobs.fast_style --registry DIR)";
+  showStyleImage();
+}
+
+function showStyleImage() {
+  const name = $("fast-style").value, img = $("fast-style-image");
+  if (!name) { img.hidden = true; return; }
+  img.src = "styles/" + encodeURIComponent(name) + "/image"; img.alt = "style " + name; img.hidden = false;
+}
+
+$("fast-style").addEventListener("change", showStyleImage);
+
+$("fast-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const status = $("fast-status"), file = $("fast-file").files[0];
+  if (!file) return;
+  status.className = "muted"; status.textContent = "stylizing...";
+  const form = new FormData(); form.append("image", file); form.append("style", $("fast-style").value);
+  const t0 = performance.now();
+  const resp = await fetch("style/fast", { method: "POST", body: form });
+  if (!resp.ok) { status.className = "error"; status.textContent = await errorText(resp); return; }
+  const blob = await resp.blob();
+  const img = $("fast-result");
+  img.onload = () => {
+    status.textContent = "done: " + img.naturalWidth + "x" + img.naturalHeight + ", model " +
+      resp.headers.get("X-Inference-Ms") + " ms, round trip " + Math.round(performance.now() - t0) + " ms";
+  };
+  img.src = URL.createObjectURL(blob); img.alt = "stylized image"; img.hidden = false;
+});
+
+loadStyles();
 
 let currentJob = null;
 

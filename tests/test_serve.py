@@ -6,7 +6,6 @@ from blue ones; the style pool uses random VGG weights at 16x16 pixels.
 import io
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys

@@ -1,0 +1,134 @@
+"""Real-time style transfer vs Gatys: stylizing one 512x512 image on this machine, in one run.
+
+Feed-forward: `jobs.transformer_net.stylize_image` (PIL in -> PIL out: ToTensor, one TransformerNet
+forward, clamp, to PIL), `--repeats` timed calls after `--warmup`, median; in fp32 NCHW, fp32
+channels_last and bf16 autocast channels_last. Gatys: `jobs.style.stylize` (Adam, the SPEC's layers and
+weights) at the same size with a pre-built VGG-19 extractor. A 500-step run takes far too long on 2
+cores, so each of `--gatys-repeats` runs does `--gatys-steps` steps and the 500-step time is
+extrapolated: (wall time - time spent in the steps) + 500 x the median step time.
+
+Latency does not depend on the weights' values: the TransformerNet is random-initialised unless
+`--model DIR` names a trained one, and VGG uses `--weights` (random by default: no ImageNet weights
+offline). Run it alone: `flock -x /tmp/heavy.lock python bench/fast_style_bench.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from jobs import style as S  # noqa: E402
+from jobs.transformer_net import TransformerNet, load_style_model, stylize_image  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def time_calls(fn, warmup: int, repeats: int) -> tuple[list[float], list[float]]:
+    """(wall seconds, process CPU seconds) of `repeats` calls of fn() after `warmup` untimed ones.
+
+    CPU time (all threads) is reported beside wall time because the 2 cores are shared: a
+    contended run stretches wall time, while CPU time moves much less.
+    """
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return wall, cpu
+
+
+def feed_forward(model: TransformerNet, img: Image.Image, variant: str, warmup: int, repeats: int) -> dict:
+    """Median latency of one stylize_image call in `variant` (fp32 | fp32-cl | bf16-cl)."""
+    m = model.to(memory_format=torch.channels_last) if variant.endswith("-cl") else model.to(
+        memory_format=torch.contiguous_format)
+    if variant.startswith("bf16"):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return stylize_image(m, img)
+    else:
+        def run():
+            return stylize_image(m, img)
+    wall, cpu = time_calls(run, warmup, repeats)
+    return {"variant": variant, "median_s": statistics.median(wall), "median_cpu_s": statistics.median(cpu),
+            "times_s": wall, "cpu_s": cpu}
+
+
+def gatys(content: Image.Image, style: Image.Image, size: int, steps: int, repeats: int, weights: str) -> dict:
+    """Per-step time of jobs.style at size x size (Adam), extrapolated to a 500-step run."""
+    cfg = S.StyleConfig(size=[size, size], steps=steps, optimizer="adam", weights=weights)
+    extractor = S.build_extractor(cfg)  # built once, as a StylePool replica does
+    runs = []
+    for _ in range(repeats):
+        rec_times: list[float] = []
+        t0, c0 = time.perf_counter(), time.process_time()
+        S.stylize(content, style, cfg, extractor=extractor, progress=lambda r: rec_times.append(r["time_s"]))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        # time_s is taken after each step's loss+backward, before its update: consecutive differences
+        # are whole steps; the first record covers the first evaluation only
+        step_times = [b - a for a, b in zip(rec_times, rec_times[1:])]
+        step = statistics.median(step_times)
+        overhead = wall - rec_times[-1]  # preprocessing, targets, the last update, postprocessing
+        runs.append({"wall_s": wall, "cpu_s": cpu, "cpu_per_step_s": cpu / steps, "steps": steps, "median_step_s": step, "overhead_s": overhead,
+                     "extrapolated_500_s": overhead + 500 * step})
+    return {"runs": runs, "median_step_s": statistics.median(r["median_step_s"] for r in runs),
+            "median_cpu_per_step_s": statistics.median(r["cpu_per_step_s"] for r in runs),
+            "extrapolated_500_s": statistics.median(r["extrapolated_500_s"] for r in runs)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--content", default=os.path.join(DATA, "rainier.jpg"), help="content image")
+    p.add_argument("--style", default=os.path.join(DATA, "autumn-oak.jpg"), help="style image (Gatys)")
+    p.add_argument("--size", type=int, default=512, help="square working size")
+    p.add_argument("--model", help="a trained style model directory (default: random-initialised TransformerNet)")
+    p.add_argument("--weights", default="random", help="VGG-19 weights for Gatys (imagenet | random | PATH)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10, help="timed feed-forward calls per variant")
+    p.add_argument("--gatys-steps", type=int, default=6, help="Adam steps per Gatys run (then extrapolated to 500)")
+    p.add_argument("--gatys-repeats", type=int, default=3)
+    p.add_argument("--out", default="results/fast_style_bench.json", help="JSON with every timing")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    content = S.load_image(args.content).resize((args.size, args.size), Image.BILINEAR)
+    style = S.load_image(args.style)
+    model = load_style_model(args.model)[0] if args.model else TransformerNet().eval()
+    result = {"size": args.size, "threads": args.threads, "torch": torch.__version__,
+              "model": args.model or "random-init TransformerNet", "vgg_weights": args.weights, "feed_forward": []}
+    for variant in ("fp32", "fp32-cl", "bf16-cl"):
+        r = feed_forward(model, content, variant, args.warmup, args.repeats)
+        print(f"feed-forward {variant}: median {r['median_s']:.3f} s wall, {r['median_cpu_s']:.3f} s CPU "
+              f"over {args.repeats}", flush=True)
+        result["feed_forward"].append(r)
+    result["gatys"] = gatys(content, style, args.size, args.gatys_steps, args.gatys_repeats, args.weights)
+    g = result["gatys"]
+    print(f"gatys: median step {g['median_step_s']:.2f} s wall ({g['median_cpu_per_step_s']:.2f} s CPU per step "
+          f"incl. set-up); 500 steps extrapolated {g['extrapolated_500_s']:.0f} s", flush=True)
+    best = min(result["feed_forward"], key=lambda r: r["median_s"])
+    fp32 = result["feed_forward"][0]
+    result["speedup_fp32"] = g["extrapolated_500_s"] / fp32["median_s"]
+    result["speedup_best"] = g["extrapolated_500_s"] / best["median_s"]
+    # the same ratio in CPU seconds: 500 x CPU per Gatys step vs one feed-forward call's CPU
+    result["speedup_fp32_cpu"] = 500 * g["median_cpu_per_step_s"] / fp32["median_cpu_s"]
+    result["best_variant"] = best["variant"]
+    print(f"speed-up vs 500-step Gatys: fp32 {result['speedup_fp32']:.0f}x, best ({best['variant']}) "
+          f"{result['speedup_best']:.0f}x; in CPU time (fp32) {result['speedup_fp32_cpu']:.0f}x", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""FastStylePool: trained feed-forward style networks (jobs.fast_style), one forward pass per request.
+
+Several styles share one deployment through Serve model multiplexing: the ingress tags each
+call with `multiplexed_model_id=<style name>`, Serve routes it to a replica that already holds
+that style when there is one, and `get_model` loads a missing style from the registry directory
+(`<registry>/<name>/`, written by `python -m jobs.fast_style --registry`), keeping the most
+recently used few per replica. The registry is read on every listing, so a newly trained style
+is served without a restart (a style retrained under an existing name reaches a replica that
+already holds it only after that replica evicts it or restarts).
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from ray import serve
+
+from jobs.style import ImageInputError, load_image
+from jobs.transformer_net import (MANIFEST, MIN_SIDE, STYLE_THUMBNAIL, StyleModelError, list_style_models,
+                                  load_style_model, stylize_image, valid_style_name)
+
+log = logging.getLogger("ray.serve")
+MODELS_PER_REPLICA = 8  # a TransformerNet is 6.7 MB of weights: a few styles fit any replica
+
+
+@serve.deployment(max_ongoing_requests=4, health_check_period_s=10)
+class FastStylePool:
+    """Serves every style of one registry directory; answers are dicts, errors never raise."""
+
+    def __init__(self, registry: str, threads: int = 1, use_gpu: bool = False, max_side: int = 1024,
+                 max_pixels: int = 40_000_000):
+        torch.set_num_threads(max(1, threads))
+        self.registry = os.path.abspath(registry)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.max_side, self.max_pixels = max_side, max_pixels
+        # forwards run off the event loop (health checks stay answered), one at a time: concurrent
+        # forwards on the same cores only slow each other down
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fast-style")
+
+    def styles(self) -> list[dict]:
+        """The registry's styles: name, style image, training size, epochs, VGG weights, created."""
+        keys = ("style_image", "image_size", "epochs", "weights", "created")
+        return [{"name": name, **{k: m.get(k) for k in keys}, "thumbnail": f"/styles/{name}/image"}
+                for name, m in list_style_models(self.registry).items()]
+
+    def thumbnail(self, name: str) -> bytes | None:
+        """The style image thumbnail (JPEG) of a style, or None."""
+        path = os.path.join(self.registry, name, STYLE_THUMBNAIL)
+        if not valid_style_name(name) or not os.path.isfile(path):
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
+    async def get_model(self, name: str) -> torch.nn.Module:
+        """Load style `name` from the registry (Serve caches it per replica, least recently used out)."""
+        model, _ = await asyncio.to_thread(load_style_model, os.path.join(self.registry, name), self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        log.info("fast style: loaded %s", name)
+        return model
+
+    async def stylize(self, data: bytes) -> dict:
+        """Image bytes, style = the request's multiplexed model id -> {"png", "ms", "size"} or {"error", "status"}."""
+        name = serve.get_multiplexed_model_id()
+        if not valid_style_name(name) or not os.path.isfile(os.path.join(self.registry, name, MANIFEST)):
+            return {"error": f"unknown style {name!r}; GET /styles lists the served ones", "status": 404}
+        try:
+            img = load_image(data, self.max_pixels, "image")
+        except ImageInputError as e:
+            return {"error": str(e), "status": 422}
+        if min(img.size) < MIN_SIDE:
+            return {"error": f"image is {img.size[0]}x{img.size[1]}; both sides must be >= {MIN_SIDE} pixels",
+                    "status": 422}
+        if max(img.size) > self.max_side:  # keep the aspect ratio; the activations grow with the pixels
+            img.thumbnail((self.max_side, self.max_side))
+        try:
+            model = await self.get_model(name)
+        except StyleModelError as e:
+            return {"error": f"style {name!r} cannot be loaded: {e}", "status": 500}
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        out = await loop.run_in_executor(self.executor, stylize_image, model, img, self.device)
+        ms = (time.perf_counter() - t0) * 1000
+        buf = io.BytesIO()
+        out.save(buf, format="PNG")
+        return {"png": buf.getvalue(), "ms": ms, "size": list(out.size)}
+
+    def check_health(self) -> None:
+        """Unhealthy when the forward thread died (Serve replaces the replica); a missing registry only means 404s."""
+        if self.executor._shutdown:
+            raise RuntimeError("fast style replica: the forward thread is gone")
