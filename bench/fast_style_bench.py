@@ -20,12 +20,13 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from jobs import style as S  # noqa: E402
-from jobs.transformer_net import TransformerNet, load_style_model, stylize_image  # noqa: E402
+from jobs.transformer_net import TransformerNet, inference_precision, load_style_model, stylize_image  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -48,16 +49,13 @@ def time_calls(fn, warmup: int, repeats: int) -> tuple[list[float], list[float]]
 
 
 def feed_forward(model: TransformerNet, img: Image.Image, variant: str, warmup: int, repeats: int) -> dict:
-    """Median latency of one stylize_image call in `variant` (fp32 | fp32-cl | bf16-cl)."""
+    """Median latency of one stylize_image call in `variant` (fp32 | fp32-cl | bf16 | bf16-cl)."""
     m = model.to(memory_format=torch.channels_last) if variant.endswith("-cl") else model.to(
         memory_format=torch.contiguous_format)
-    if variant.startswith("bf16"):
-        def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return stylize_image(m, img)
-    else:
-        def run():
-            return stylize_image(m, img)
+    precision = variant.split("-")[0]
+
+    def run():
+        return stylize_image(m, img, precision=precision)
     wall, cpu = time_calls(run, warmup, repeats)
     return {"variant": variant, "median_s": statistics.median(wall), "median_cpu_s": statistics.median(cpu),
             "times_s": wall, "cpu_s": cpu}
@@ -106,7 +104,9 @@ def main() -> None:
     model = load_style_model(args.model)[0] if args.model else TransformerNet().eval()
     result = {"size": args.size, "threads": args.threads, "torch": torch.__version__,
               "model": args.model or "random-init TransformerNet", "vgg_weights": args.weights, "feed_forward": []}
-    for variant in ("fp32", "fp32-cl", "bf16-cl"):
+    served = inference_precision("auto", "cpu")  # what FastStylePool runs here by default (NCHW)
+    result["served_precision"] = served
+    for variant in ("fp32", "fp32-cl", "bf16", "bf16-cl"):
         r = feed_forward(model, content, variant, args.warmup, args.repeats)
         print(f"feed-forward {variant}: median {r['median_s']:.3f} s wall, {r['median_cpu_s']:.3f} s CPU "
               f"over {args.repeats}", flush=True)
@@ -122,6 +122,17 @@ def main() -> None:
     # the same ratio in CPU seconds: 500 x CPU per Gatys step vs one feed-forward call's CPU
     result["speedup_fp32_cpu"] = 500 * g["median_cpu_per_step_s"] / fp32["median_cpu_s"]
     result["best_variant"] = best["variant"]
+    serving = next(r for r in result["feed_forward"] if r["variant"] == served)
+    result["served_median_s"] = serving["median_s"]
+    result["speedup_served"] = g["extrapolated_500_s"] / serving["median_s"]
+    # what bf16 changes in the output: 0..255 pixel differences against fp32, same image and weights
+    a = np.asarray(stylize_image(model, content, precision="fp32"), dtype=np.float32)
+    b = np.asarray(stylize_image(model, content, precision="bf16"), dtype=np.float32)
+    diff = np.abs(a - b)
+    result["bf16_vs_fp32_pixels"] = {"mean_abs": float(diff.mean()), "p99_abs": float(np.percentile(diff, 99)),
+                                     "max_abs": float(diff.max())}
+    print(f"served here ({served}, NCHW): {serving['median_s']:.3f} s, {result['speedup_served']:.0f}x Gatys; "
+          f"bf16 vs fp32 output: mean |diff| {diff.mean():.2f}/255, p99 {np.percentile(diff, 99):.0f}/255", flush=True)
     print(f"speed-up vs 500-step Gatys: fp32 {result['speedup_fp32']:.0f}x, best ({best['variant']}) "
           f"{result['speedup_best']:.0f}x; in CPU time (fp32) {result['speedup_fp32_cpu']:.0f}x", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

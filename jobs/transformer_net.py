@@ -98,15 +98,31 @@ class TransformerNet(nn.Module):
 # ----------------------------------------------------------------------------- inference
 
 
+def inference_precision(precision: str, device: torch.device | str) -> str:
+    """"auto" -> "bf16" on a CPU with native bfloat16 (AVX-512 BF16 or AMX: about 1.6x the fp32
+    speed of a 512x512 forward on 2 cores, mean pixel change ~1/255), else "fp32"; others pass through."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision != "auto":
+        return precision
+    native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16" if torch.device(device).type == "cpu" and native_bf16 else "fp32"
+
+
 @torch.inference_mode()
-def stylize_image(model: TransformerNet, img, device: torch.device | str = "cpu") -> "Image.Image":
-    """PIL RGB image -> stylized PIL RGB image of the same size: ToTensor, one forward, clamp to [0, 1]."""
+def stylize_image(model: TransformerNet, img, device: torch.device | str = "cpu",
+                  precision: str = "fp32") -> "Image.Image":
+    """PIL RGB image -> stylized PIL RGB image of the same size: ToTensor, one forward (bfloat16
+    autocast with precision "bf16"), clamp to [0, 1]."""
     import torchvision.transforms.functional as TF
 
+    device = torch.device(device)
     x = TF.to_tensor(img).unsqueeze(0).to(device)  # (1, 3, H, W) in [0, 1]
     if next(model.parameters()).device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    y = model(x)[0].float().clamp_(0, 1).cpu()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        y = model(x)[0].float().clamp_(0, 1).cpu()
     return TF.to_pil_image(y)
 
 

@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--fast-style-gpus", type=float, default=d.fast_style_gpus, help="GPUs per replica")
     g.add_argument("--fast-style-max-side", type=int, default=d.fast_style_max_side,
                    help="larger images are scaled down to this longer side first")
+    g.add_argument("--fast-style-precision", default=d.fast_style_precision, choices=["auto", "fp32", "bf16"],
+                   help="auto (default): bfloat16 autocast on a CPU with native bf16 (AVX-512 BF16/AMX), else fp32")
     return p.parse_args(argv)
 
 
@@ -80,7 +82,7 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
         sync_timeout_s=args.sync_timeout_s, job_max_attempts=args.job_max_attempts,
         fast_styles=args.fast_styles, fast_style_replicas=args.fast_style_replicas,
         fast_style_cpus=args.fast_style_cpus, fast_style_gpus=args.fast_style_gpus,
-        fast_style_max_side=args.fast_style_max_side,
+        fast_style_max_side=args.fast_style_max_side, fast_style_precision=args.fast_style_precision,
     ).validate()
 
 

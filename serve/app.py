@@ -494,6 +494,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         fast = FastStylePool.options(
             num_replicas=cfg.fast_style_replicas, ray_actor_options={"num_cpus": cfg.fast_style_cpus, **gpu},
         ).bind(registry=os.path.abspath(cfg.fast_styles), threads=max(1, round(cfg.fast_style_cpus)),
-               use_gpu=cfg.fast_style_gpus > 0, max_side=cfg.fast_style_max_side, max_pixels=cfg.max_pixels)
+               use_gpu=cfg.fast_style_gpus > 0, max_side=cfg.fast_style_max_side, max_pixels=cfg.max_pixels,
+               precision=cfg.fast_style_precision)
     return Ingress.options(max_ongoing_requests=cfg.ingress_max_ongoing, ray_actor_options={"num_cpus": cfg.ingress_cpus},
                            ).bind(classifier, style, dataclasses.asdict(cfg), fast)

@@ -53,6 +53,7 @@ class ServeConfig:
     fast_style_cpus: float = 1.0
     fast_style_gpus: float = 0.0
     fast_style_max_side: int = 1024  # larger images are scaled down (aspect kept) before the forward pass
+    fast_style_precision: str = "auto"  # auto: bf16 on a CPU with native bfloat16, else fp32; or fp32 | bf16
     ingress_max_ongoing: int = 256
     ingress_cpus: float = 0.0  # it mostly awaits; image checks are short
 
@@ -71,6 +72,8 @@ class ServeConfig:
                      "ingress_cpus", "fast_style_cpus", "fast_style_gpus"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.fast_style_precision not in ("auto", "fp32", "bf16"):
+            raise UserError(f"fast_style_precision must be auto, fp32 or bf16, got {self.fast_style_precision!r}")
         for name in ("max_body_mb", "sync_timeout_s", "job_lease_s", "job_ttl_s"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -22,7 +22,7 @@ from ray import serve
 
 from jobs.style import ImageInputError, load_image
 from jobs.transformer_net import (MANIFEST, MIN_SIDE, STYLE_THUMBNAIL, StyleModelError, list_style_models,
-                                  load_style_model, stylize_image, valid_style_name)
+                                  inference_precision, load_style_model, stylize_image, valid_style_name)
 
 log = logging.getLogger("ray.serve")
 MODELS_PER_REPLICA = 8  # a TransformerNet is 6.7 MB of weights: a few styles fit any replica
@@ -33,10 +33,12 @@ class FastStylePool:
     """Serves every style of one registry directory; answers are dicts, errors never raise."""
 
     def __init__(self, registry: str, threads: int = 1, use_gpu: bool = False, max_side: int = 1024,
-                 max_pixels: int = 40_000_000):
+                 max_pixels: int = 40_000_000, precision: str = "auto"):
         torch.set_num_threads(max(1, threads))
         self.registry = os.path.abspath(registry)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.precision = inference_precision(precision, self.device)
+        log.info("fast style: %s forwards on %s", self.precision, self.device)
         self.max_side, self.max_pixels = max_side, max_pixels
         # forwards run off the event loop (health checks stay answered), one at a time: concurrent
         # forwards on the same cores only slow each other down
@@ -85,7 +87,8 @@ class FastStylePool:
             return {"error": f"style {name!r} cannot be loaded: {e}", "status": 500}
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        out = await loop.run_in_executor(self.executor, stylize_image, model, img, self.device)
+        out = await loop.run_in_executor(self.executor, stylize_image, model, img, self.device,
+                                         self.precision)
         ms = (time.perf_counter() - t0) * 1000
         buf = io.BytesIO()
         out.save(buf, format="PNG")

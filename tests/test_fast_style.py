@@ -24,8 +24,8 @@ from jobs import fast_style
 from jobs.artifact import save_artifact
 from jobs.models import build_model
 from jobs.presets import Preset
-from jobs.transformer_net import (MIN_SIDE, StyleModelError, TransformerNet, list_style_models, load_style_model,
-                                  save_style_model, stylize_image)
+from jobs.transformer_net import (MIN_SIDE, StyleModelError, TransformerNet, inference_precision, list_style_models,
+                                  load_style_model, save_style_model, stylize_image)
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 20010
@@ -76,6 +76,19 @@ def test_style_model_artifact_round_trip(tmp_path):
     assert list(stylize_image(loaded, img).getdata()) == list(stylize_image(model, img).getdata())
     with pytest.raises(StyleModelError):
         load_style_model(tmp_path / "reg" / "junk")
+
+
+def test_bf16_inference_stays_close_to_fp32_and_auto_picks_a_known_precision():
+    torch.manual_seed(0)
+    model = TransformerNet().eval()
+    img = Image.open(io.BytesIO(image_bytes((48, 40), seed=3))).convert("RGB")
+    a = torch.tensor(list(stylize_image(model, img, precision="fp32").getdata()), dtype=torch.float32)
+    b = torch.tensor(list(stylize_image(model, img, precision="bf16").getdata()), dtype=torch.float32)
+    assert (a - b).abs().mean() < 3 and a.std() > 5  # 0..255 pixels: a small change of a non-flat image
+    assert inference_precision("auto", "cpu") in ("fp32", "bf16")
+    assert inference_precision("auto", "cuda") == "fp32" and inference_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        inference_precision("fp8", "cpu")
 
 
 def test_content_loader_flat_zip_is_square_with_a_validation_slice(tmp_path):
@@ -199,7 +212,8 @@ def test_served_style_round_trip_equals_local_inference(trained, server):
     served = Image.open(io.BytesIO(r.content)).convert("RGB")
     assert served.size == (37, 23)
     model, _ = load_style_model(trained / "styles" / "tiny")
-    local = stylize_image(model, Image.open(io.BytesIO(data)).convert("RGB"))
+    # the replica's default precision is "auto" (bf16 on a CPU with native bfloat16)
+    local = stylize_image(model, Image.open(io.BytesIO(data)).convert("RGB"), precision=inference_precision("auto", "cpu"))
     diff = (torch.tensor(list(served.getdata())) - torch.tensor(list(local.getdata()))).abs().max()
     assert diff <= 1, diff
     r = server.post("/style/fast", files={"image": ("x.png", data, "image/png")}, data={"style": "tiny"})
