@@ -46,7 +46,7 @@ def sweep(kind: str, seed: int, args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="synthetic:512", help="dataset (default synthetic:512: 512 train, 128 test images)")
-    p.add_argument("--limit-train", type=int, default=128, help="train on the first N images (default 128)")
+    p.add_argument("--limit-train", type=int, default=128, help="train on N images, a fixed random draw (default 128)")
     p.add_argument("--epochs", type=int, default=9, help="epochs per full trial (default 9: ASHA rungs at 1, 3, 9)")
     p.add_argument("--lrs", default=LRS, help=f"the learning-rate grid (default {LRS})")
     p.add_argument("--seeds", type=int, default=1, help="repeats with seeds 0..N-1 (default 1)")

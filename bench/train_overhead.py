@@ -1,7 +1,7 @@
 """Ray Train overhead: steady-state images/s of the 2-worker Ray Train job vs a plain PyTorch loop.
 
 Same model (CIFAR ResNet-18), global batch (256), optimizer (Adam 1e-3), augmentation (flip) and
-data (the first N real CIFAR-10 training images). The plain loop is one process using both cores
+data (N real CIFAR-10 training images, a fixed random draw). The plain loop is one process using both cores
 (torch threads = 2) and calls the same `train_one_epoch`; the Ray job is `jobs.augment` with 2
 workers x 1 CPU (gloo DDP). Steady state = the epochs after the first; rates cover training
 steps only (not evaluation), exactly as each epoch's examples/s line reports them.

@@ -45,7 +45,7 @@ class Config:
     data: str = "cifar10"          # cifar10 | synthetic[:N] | ImageFolder dir or .zip
     data_root: str = "data"        # downloads and decoded-tensor cache
     image_size: int | None = None  # resize ImageFolder images to this square size
-    limit_train: int | None = None  # use only the first N training images (quick runs)
+    limit_train: int | None = None  # use only N training images, a fixed random draw (quick runs)
     limit_test: int | None = None
     aug: str | None = None         # comma-separated: none | flip,vflip,crop,color,translate,altflip
     arch: str | None = None
@@ -174,8 +174,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", help=f"cifar10 (downloads), synthetic[:N] (generated, offline), or an ImageFolder directory/.zip with train/ and test/ (default {d.data})")
     p.add_argument("--data-root", help=f"where datasets are downloaded and decoded tensors cached (default {d.data_root})")
     p.add_argument("--image-size", type=int, help="resize ImageFolder images to this square size (default: keep; all must match)")
-    p.add_argument("--limit-train", type=int, help="train on the first N images only (quick runs)")
-    p.add_argument("--limit-test", type=int, help="evaluate on the first N test images only")
+    p.add_argument("--limit-train", type=int, help="train on N images only, drawn at random with a fixed seed (quick runs)")
+    p.add_argument("--limit-test", type=int, help="evaluate on N test images only (fixed random draw)")
     p.add_argument("--aug", help=f"augmentations, comma-separated: none, flip, vflip, crop, color, translate (2-pixel reflect-padded shifts), altflip (each image flipped in alternate epochs) {default('aug')}")
     p.add_argument("--arch", choices=sorted(MODELS), help=f"model {default('arch')}")
     p.add_argument("--epochs", type=int, help=f"epochs, unless --time-budget is given {default('epochs')}")

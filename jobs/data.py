@@ -47,9 +47,18 @@ class ImageData:
     def image_size(self) -> tuple[int, int]:
         return tuple(self.train_x.shape[-2:])
 
-    def subset(self, train: int | None = None, test: int | None = None) -> "ImageData":
-        """The first `train`/`test` examples (for quick runs); None keeps everything."""
-        return ImageData(self.train_x[:train], self.train_y[:train], self.test_x[:test], self.test_y[:test], self.classes)
+    def subset(self, train: int | None = None, test: int | None = None, seed: int = 0) -> "ImageData":
+        """`train`/`test` examples for quick runs, drawn at random with a fixed seed (the same ones in
+        every run and on every rank) and kept in dataset order; None keeps everything. Not simply the
+        first N: an ImageFolder is stored class by class, so its first N images are often one class."""
+        def pick(x, y, n):
+            if n is None or n >= len(y):
+                return x, y
+            idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:max(n, 0)].sort().values
+            return x[idx], y[idx]
+        train_x, train_y = pick(self.train_x, self.train_y, train)
+        test_x, test_y = pick(self.test_x, self.test_y, test)
+        return ImageData(train_x, train_y, test_x, test_y, self.classes)
 
 
 def load_image_data(source: str, root: str | os.PathLike = "data", image_size: int | None = None,

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from jobs.cli import UserError
-from jobs.data import load_image_data, make_synthetic, shard_indices
+from jobs.data import ImageData, load_image_data, make_synthetic, shard_indices
 from jobs.models import build_model
 
 
@@ -77,3 +77,18 @@ def test_bad_datasets(tmp_path):
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(UserError, match="neither"):
         load_image_data(str(tmp_path / "f.txt"), tmp_path)
+
+
+def test_subset_is_a_fixed_random_draw_not_the_first_class():
+    # stored class by class, as an ImageFolder is: the first 40 would all be class 0
+    y = torch.arange(4).repeat_interleave(100)
+    i = torch.arange(400)
+    x = torch.stack([i % 256, i // 256, i * 0], 1).to(torch.uint8).view(400, 3, 1, 1).expand(400, 3, 2, 2).clone()
+    data = ImageData(x, y, x[:50], y[:50], ["a", "b", "c", "d"])
+    sub = data.subset(40, 10)
+    assert len(sub.train_y) == 40 and len(sub.test_y) == 10
+    assert len(set(sub.train_y.tolist())) == 4  # every class drawn
+    assert torch.equal(sub.train_y, data.subset(40, 10).train_y)  # the same draw every time (every rank)
+    order = sub.train_x[:, 0, 0, 0].long() + 256 * sub.train_x[:, 1, 0, 0].long()  # each image's index
+    assert torch.equal(order, order.sort().values) and torch.equal(sub.train_y, y[order])  # images keep their labels
+    assert data.subset(None, 1000).test_y.numel() == 50  # None or more than there is: everything
