@@ -4,7 +4,7 @@
 
 One run starts, side by side on one machine:
   - "serve-batched":   the real service (serve.app:build_app, style pool off), @serve.batch up to 16;
-  - "serve-unbatched": the same with max_batch_size 1;
+  - "serve-unbatched": the same with max_batch_size 1 (both at --precision, default the service's auto);
   - "plain-fastapi":   what a user would otherwise write: one uvicorn process, FastAPI, the same
                        artifact and eval transform, one forward per request (see `plain_app`).
 Each gets the same model (ResNet-18 at 224x224 by default, random weights: speed only) and
@@ -172,7 +172,7 @@ def measure(args, artifact: Path, body: bytes, plain_port: int):
                 raise
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     common = dict(classifier=str(artifact), style=False, classifier_cpus=args.threads, classifier_max_ongoing=32,
-                  classifier_max_queued=64, batch_wait_timeout_s=0.01)
+                  classifier_max_queued=64, batch_wait_timeout_s=0.01, classifier_precision=args.precision)
     serve.run(build_app({**common, "max_batch_size": args.max_batch_size}), name="batched", route_prefix="/batched")
     serve.run(build_app({**common, "max_batch_size": 1}), name="unbatched", route_prefix="/unbatched")
     servers = {"serve-batched": f"http://127.0.0.1:{args.port}/batched/classify",
@@ -224,6 +224,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-seconds", type=float, default=25.0, help="time bound per cell")
     p.add_argument("--repeats", type=int, default=3, help="repeats per cell (median reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every server's model")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the Serve classifier's precision, both variants (default auto: bf16 on a CPU with native "
+                        "bfloat16); the plain server stays fp32, as a user's own server would")
     p.add_argument("--max-batch-size", type=int, default=16, help="batched service: @serve.batch size")
     p.add_argument("--overload-seconds", type=float, default=30.0, help="duration of the 2x overload run (0: skip)")
     p.add_argument("--port", type=int, default=18050, help="Serve HTTP port; the plain server uses port + 1")

@@ -105,9 +105,9 @@ def inference_precision(precision: str, device: torch.device | str) -> str:
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     if precision != "auto":
         return precision
-    native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if torch.device(device).type == "cpu" and native_bf16 else "fp32"
+    from jobs.artifact import native_bf16_cpu
+
+    return "bf16" if torch.device(device).type == "cpu" and native_bf16_cpu() else "fp32"
 
 
 @torch.inference_mode()

@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--classifier-gpus", type=float, default=d.classifier_gpus, help="GPUs per classifier replica")
     g.add_argument("--classifier-max-queued", type=int, default=d.classifier_max_queued,
                    help="requests waiting for the classifier beyond which the answer is 503")
+    g.add_argument("--classifier-precision", default=d.classifier_precision, choices=["auto", "fp32", "bf16"],
+                   help="auto (default): fp16 autocast on GPU, bf16 autocast on a CPU with native bfloat16 "
+                        "(AVX-512 BF16/AMX), else fp32; fp32 gives bit-for-bit the training run's evaluation")
     g.add_argument("--max-body-mb", type=float, default=d.max_body_mb, help="largest request body (413 above)")
     g.add_argument("--max-pixels", type=int, default=d.max_pixels, help="largest image, width*height (422 above)")
     g = p.add_argument_group("style-transfer pool")
@@ -75,6 +78,7 @@ def config_from(args: argparse.Namespace) -> ServeConfig:
         classifier=args.classifier, max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
         classifier_replicas=args.classifier_replicas, classifier_cpus=args.classifier_cpus,
         classifier_gpus=args.classifier_gpus, classifier_max_queued=args.classifier_max_queued,
+        classifier_precision=args.classifier_precision,
         max_body_mb=args.max_body_mb, max_pixels=args.max_pixels, style=not args.no_style,
         style_weights=args.style_weights, style_replicas=args.style_replicas,
         style_max_replicas=args.style_max_replicas, style_cpus=args.style_cpus, style_gpus=args.style_gpus,

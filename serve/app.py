@@ -466,7 +466,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         raise UserError(f"classifier artifact {cfg.classifier} is not a directory")
     gpu = {"num_gpus": cfg.classifier_gpus} if cfg.classifier_gpus else {}
     knobs = {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
-             "max_pixels": cfg.max_pixels}
+             "max_pixels": cfg.max_pixels, "precision": cfg.classifier_precision}
     classifier = ClassifierDeployment.options(
         num_replicas=cfg.classifier_replicas,
         max_ongoing_requests=max(cfg.classifier_max_ongoing, cfg.max_batch_size),  # else batches never fill

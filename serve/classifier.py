@@ -13,7 +13,7 @@ import os
 import torch
 from ray import serve
 
-from jobs.artifact import ArtifactError, load_artifact
+from jobs.artifact import ArtifactError, inference_autocast, load_artifact
 from jobs.style import ImageInputError, load_image
 
 log = logging.getLogger("ray.serve")
@@ -32,7 +32,8 @@ class ClassifierDeployment:
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.defaults = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01, "max_pixels": 40_000_000,
-                         **(defaults or {})}
+                         "precision": "auto", **(defaults or {})}
+        self.autocast: torch.dtype | None = None
         self.state = None  # (model, classes, transform, info), swapped as one tuple
         self.max_pixels = self.defaults["max_pixels"]
         self.batching: dict = {}
@@ -48,18 +49,23 @@ class ClassifierDeployment:
         if not user_config.get("artifact"):
             raise ValueError("user_config needs 'artifact': the model artifact directory")
         path = os.path.abspath(user_config["artifact"])
+        try:
+            autocast = inference_autocast(user_config["precision"], self.device)
+        except ValueError as e:
+            raise ValueError(f"user_config: {e}") from None
         info = dict(self.state[3]) if self.state and self.state[3]["artifact"] == path else None
-        if info is None:
+        if info is None or autocast != self.autocast:
             try:
                 model, classes, preset, manifest = load_artifact(path, self.device)
             except ArtifactError as e:
                 raise ValueError(str(e)) from None
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" or autocast is not None:  # reduced precision runs fastest channels_last
                 model = model.to(memory_format=torch.channels_last)
             info = {"artifact": path, "arch": manifest["arch"], "classes": classes,
                     "preset": preset.to_dict(), "metrics": manifest.get("metrics", {}),
                     "created": manifest.get("created")}
-            self.state = (model, classes, preset.eval_transform(), info)
+            info["precision"] = str(autocast).replace("torch.", "") if autocast else "float32"
+            self.state, self.autocast = (model, classes, preset.eval_transform(), info), autocast
             log.info("classifier: serving %s (%s, %d classes)", path, manifest["arch"], len(classes))
         self.max_pixels = int(user_config["max_pixels"])
         self.batching = {"max_batch_size": int(user_config["max_batch_size"]),
@@ -82,11 +88,12 @@ class ClassifierDeployment:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict(self, xs: list[torch.Tensor]) -> list[dict]:
         """Batched forward: N tensors (3, crop, crop) -> N answers, softmax over the artifact's classes."""
-        model, classes, _, _ = self.state  # one snapshot per batch: a swap never mixes models
+        model, classes, _, info = self.state  # one snapshot per batch: a swap never mixes models
         x = torch.stack(xs).to(self.device)  # (N, 3, crop, crop)
+        dtype = getattr(torch, info["precision"])
         try:
-            with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-                if self.device.type == "cuda":
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                if dtype != torch.float32 or self.device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 probs = torch.softmax(model(x).float(), dim=1).cpu()  # (N, num_classes)
         except RuntimeError:

@@ -27,6 +27,8 @@ class ServeConfig:
     classifier_gpus: float = 0.0
     classifier_max_ongoing: int = 32  # per replica; raised to max_batch_size if smaller
     classifier_max_queued: int = 64  # per caller; beyond it the answer is 503
+    # auto: fp16 autocast on GPU, bf16 autocast + channels_last on a CPU with native bfloat16, else fp32
+    classifier_precision: str = "auto"
     # request limits (both routes)
     max_body_mb: float = 16.0
     max_pixels: int = StyleConfig.max_pixels  # decoded image size limit (header check, no decode)
@@ -72,6 +74,8 @@ class ServeConfig:
                      "ingress_cpus", "fast_style_cpus", "fast_style_gpus"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.classifier_precision not in ("auto", "fp32", "bf16"):
+            raise UserError(f"classifier_precision must be auto, fp32 or bf16, got {self.classifier_precision!r}")
         if self.fast_style_precision not in ("auto", "fp32", "bf16"):
             raise UserError(f"fast_style_precision must be auto, fp32 or bf16, got {self.fast_style_precision!r}")
         for name in ("max_body_mb", "sync_timeout_s", "job_lease_s", "job_ttl_s"):

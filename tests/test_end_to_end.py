@@ -90,11 +90,13 @@ def test_train_sweep_finetune_serve_classify(local_ray, tmp_path):
     model, classes, preset, _ = load_artifact(runs / "finetuned" / "model")
     assert classes == sorted(p.name for p in (folder / "test").iterdir())
 
-    # 4. serve the fine-tuned artifact: the real CLI, joining this Ray
+    # 4. serve the fine-tuned artifact: the real CLI, joining this Ray; fp32, so that its answers
+    # equal the training run's fp32 evaluation image for image (the default may pick bf16 on this CPU)
     port = serve_port()
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "serve", "--classifier", str(runs / "finetuned" / "model"),
-                               "--no-style", "--port", str(port), "--address", local_ray],
+                               "--no-style", "--port", str(port), "--address", local_ray,
+                               "--classifier-precision", "fp32"],
                               cwd=ROOT, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=log,
                               stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 from ray import serve
 
-from jobs.artifact import load_artifact, save_artifact
+from jobs.artifact import inference_autocast, load_artifact, save_artifact
 from jobs.models import build_model
 from jobs.presets import Preset
 from serve.app import build_app
@@ -93,12 +93,21 @@ def train_red_blue(path):
                          {"test_acc": acc})
 
 
-def local_probabilities(artifact, data: bytes) -> dict:
-    """What serving must answer: the artifact's model on its own eval transform, computed here."""
+# the replica's default precision ("auto") on this machine: bf16 autocast on a CPU with native bf16
+SERVED_DTYPE = inference_autocast("auto", "cpu")
+# fp32 serving equals local fp32 to rounding; bf16 to its ~3 significant digits (thread counts differ)
+TOLERANCE = 1e-5 if SERVED_DTYPE is None else 3e-2
+
+
+def local_probabilities(artifact, data: bytes, dtype=SERVED_DTYPE) -> dict:
+    """What serving must answer: the artifact's model on its own eval transform, computed here
+    (with the replica's autocast and memory format)."""
     model, classes, preset, _ = load_artifact(artifact)
-    x = preset.eval_transform()(Image.open(io.BytesIO(data)).convert("RGB"))
-    with torch.no_grad():
-        p = torch.softmax(model(x[None]), 1)[0]
+    x = preset.eval_transform()(Image.open(io.BytesIO(data)).convert("RGB"))[None]
+    if dtype is not None:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        p = torch.softmax(model(x).float(), 1)[0]
     return dict(zip(classes, p.tolist()))
 
 
@@ -198,11 +207,12 @@ def test_classify_round_trip_raw_and_multipart(server, client):
     assert sum(out["probabilities"].values()) == pytest.approx(1, abs=1e-5)
     # serving equals the artifact's own eval transform + model, computed locally
     for name, p in local_probabilities(server["a"], red).items():
-        assert out["probabilities"][name] == pytest.approx(p, abs=1e-5)
+        assert out["probabilities"][name] == pytest.approx(p, abs=TOLERANCE)
     r = client.post("/classify", files={"file": ("b.png", blue, "image/png")})
     assert r.status_code == 200 and r.json()["label"] == "blue"
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["classifier"]["classes"] == ["red", "blue"]
+    assert health["classifier"]["precision"] == str(SERVED_DTYPE or torch.float32).replace("torch.", "")
     assert health["classifier"]["max_batch_size"] == 4
 
 
@@ -245,7 +255,7 @@ def test_hot_reload_swaps_the_model_without_downtime(server, client):
         t.join()
     out = client.post("/classify", content=red).json()
     for name, p in local_probabilities(server["b"], red).items():
-        assert out["probabilities"][name] == pytest.approx(p, abs=1e-5)
+        assert out["probabilities"][name] == pytest.approx(p, abs=TOLERANCE)
     assert codes and set(codes) == {200}, f"requests failed during the swap: {set(codes)}"
     after, _ = replica_actor("ClassifierDeployment")
     assert after == before, "the replica was restarted instead of reconfigured"
@@ -486,3 +496,5 @@ def test_cli_user_errors_are_one_line(server, tmp_path):
         main(["--classifier", str(server["a"]), "--style-weights", str(tmp_path / "nope.pt")])
     with pytest.raises(UserError, match="unknown serve option"):
         config_from_dict({"classifier": "x", "batch_size": 3})
+    with pytest.raises(UserError, match="classifier_precision must be auto, fp32 or bf16"):
+        config_from_dict({"classifier": "x", "classifier_precision": "fp8"})
