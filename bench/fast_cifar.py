@@ -43,14 +43,16 @@ CONFIGS = {
     "adam": ("Adam 1e-3 instead of Nesterov SGD", {"recipe": "fast", "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}),
     "batch-256": ("batch 256 instead of 1024 (lr scaled with it)", {"recipe": "fast", "batch_size": 256}),
     "no-normalize": ("inputs in [0, 1], not standardised", {"recipe": "fast", "normalize": False}),
+    "fp32": ("fp32 instead of bf16 autocast (on a CPU with native bf16)", {"recipe": "fast", "precision": "fp32"}),
+    "no-channels-last": ("NCHW tensors instead of channels_last", {"recipe": "fast", "channels_last": False}),
     "wide-net": ("airbench94's wider net (64/256/256) instead of 64/128/128", {"recipe": "fast", "arch": "fast_cifar_net_wide"}),
 }
 
 
 def run_one(name: str, args, index: int) -> dict:
     overrides = CONFIGS[name][1]
-    precision = args.precision if overrides["recipe"] == "fast" else "auto"
-    cfg = Config(**{**overrides, "precision": precision, "data": args.data, "data_root": args.data_root, "time_budget": args.budget,
+    precision = {"precision": args.precision} if args.precision and overrides["recipe"] == "fast" else {}
+    cfg = Config(**{**overrides, **precision, "data": args.data, "data_root": args.data_root, "time_budget": args.budget,
                     "eval_every": 0, "num_workers": args.num_workers, "cpus_per_worker": args.cpus_per_worker,
                     "storage_path": args.storage_path, "seed": index,
                     "name": f"bench-{name}-{int(args.budget)}s-{index}-{int(time.time())}"})
@@ -61,7 +63,7 @@ def run_one(name: str, args, index: int) -> dict:
             "train_time_s": summary["train_time_s"], "steps": summary["steps"],
             "epochs_seen": summary["steps"] * cfg.batch_size / 50000,
             "wall_s": time.perf_counter() - t0, "workers": args.num_workers, "threads": args.cpus_per_worker,
-            "precision": precision,
+            "precision": cfg.precision, "channels_last": cfg.channels_last,
             "run": cfg.name}
 
 
@@ -144,7 +146,7 @@ def main() -> int:
     p.add_argument("--cpus-per-worker", type=int, default=1, help="threads per worker (default 1)")
     p.add_argument("--storage-path", default="/tmp/raycv-bench-fast", help="run directories (default /tmp/raycv-bench-fast)")
     p.add_argument("--out", default="bench/results/fast_cifar.jsonl", help="results, one JSON line per run")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast of the fast configurations (default auto: fp32 on CPU)")
+    p.add_argument("--precision", choices=["auto", "fast", "bf16", "fp32"], help="autocast of the fast configurations (default: the recipe's, i.e. fast: bf16 on a CPU with native bfloat16)")
     p.add_argument("--stop-by", type=float, help="UNIX time: skip runs that would not finish by then (a shared machine's lock slot)")
     p.add_argument("--table", action="store_true", help="only print the table from --out")
     p.add_argument("--probe", action="store_true", help="measure step throughput per precision/format/layout and exit")

@@ -16,6 +16,7 @@ from torch import nn
 from jobs import engine
 from jobs.engine import PLACEMENT_STRATEGIES
 from jobs.augmentations import AugmentSpec, alternating_flip, compose, flip_bits, parse_aug_names
+from jobs.artifact import native_bf16_cpu
 from jobs.cli import UserError, run_cli
 from jobs.data import iterate_batches, load_image_data, num_batches, shard_indices
 from jobs.fast import Lookahead, flip_tta, sgd_param_groups, warmup_decay
@@ -28,10 +29,10 @@ from jobs.presets import Preset
 RECIPES = {
     "reference": dict(aug="flip", arch="cifar_resnet18", epochs=10, batch_size=256, optimizer="adam", lr=1e-3,
                       weight_decay=0.0, label_smoothing=0.0, schedule="constant", lookahead=False, tta="none",
-                      whiten=False, normalize=False),
+                      whiten=False, normalize=False, channels_last=False, precision="auto"),
     "fast": dict(aug="altflip,translate", arch="fast_cifar_net", epochs=10, batch_size=1024, optimizer="sgd",
                  lr=None, weight_decay=0.0153 / 11.5, label_smoothing=0.2, schedule="warmup-decay", lookahead=True,
-                 tta="flip", whiten=True, normalize=True),
+                 tta="flip", whiten=True, normalize=True, channels_last=True, precision="fast"),
 }
 FAST_LR_PER_1024 = 11.5 / (1 + 1 / (1 - 0.85))  # = 1.5 for the mean loss of a 1024 batch
 
@@ -65,7 +66,10 @@ class Config:
     normalize: bool | None = None  # standardise inputs with the training set's per-channel mean/std
     time_budget: float | None = None  # seconds of training; replaces --epochs (see engine.plan_steps)
     eval_every: int = 1            # evaluate every N epochs (0: only after the last)
-    precision: str = "auto"        # auto (fp16 AMP on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    # auto: fp16 AMP on GPU, fp32 on CPU; fast: auto, except bf16 autocast on a CPU with native bfloat16
+    # (AVX-512 BF16/AMX: ~2x the fp32 step rate of the fast net); bf16 | fp16 | fp32: that one everywhere
+    precision: str | None = None
+    channels_last: bool | None = None  # channels_last on CPU too (always on GPU): ~1.8x the fast net's CPU speed
     num_workers: int = 2
     cpus_per_worker: int = 1
     use_gpu: bool = False
@@ -80,6 +84,8 @@ class Config:
         for key, value in RECIPES[self.recipe].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if self.precision == "fast":  # decided here, so the resolved config printed and saved says which
+            self.precision = "bf16" if not self.use_gpu and native_bf16_cpu() else "auto"
         if self.lr is None:  # the fast recipe's SGD lr grows with the batch
             self.lr = FAST_LR_PER_1024 * self.batch_size / 1024
         if not self.name:
@@ -122,9 +128,11 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> eng
         x = (images.float() - shift) * scale  # (B, 3, H, W)
         if train:
             x = augment(x, g)
-        return x.contiguous(memory_format=torch.channels_last if on_gpu else torch.contiguous_format)
+        return x.contiguous(memory_format=torch.channels_last if on_gpu or cfg.channels_last else torch.contiguous_format)
 
     model = build_model(cfg.arch, len(data.classes))
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if cfg.whiten:
         if not isinstance(getattr(model, "whiten", None), nn.Conv2d):
             raise UserError(f"--whiten needs a model with a whitening layer (fast_cifar_net*), not {cfg.arch}")
@@ -193,7 +201,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tta", choices=["none", "flip"], help=f"test-time augmentation at evaluation {default('tta')}")
     switch("whiten", "whiten", "initialise the first layer to whiten 2x2 patches (fast_cifar_net only)")
     switch("normalize", "normalize", "standardise inputs with the training set's channel mean/std")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help=f"autocast: auto = fp16 with loss scaling on GPU, fp32 on CPU; bf16 on any device (default {d.precision})")
+    p.add_argument("--precision", choices=["auto", "fast", "bf16", "fp16", "fp32"], help=f"autocast: auto = fp16 with loss scaling on GPU, fp32 on CPU; fast = auto, but bf16 on a CPU with native bfloat16 (AVX-512 BF16/AMX); bf16 on any device {default('precision')}")
+    switch("channels-last", "channels_last", "channels_last tensors on CPU too (always on GPU)")
     p.add_argument("--eval-every", type=int, help=f"evaluate on the test set every N epochs; 0: only after the last (default {d.eval_every})")
     p.add_argument("--num-workers", type=int, help=f"Ray Train workers (DDP ranks) (default {d.num_workers})")
     p.add_argument("--cpus-per-worker", type=int, help=f"CPUs (and torch threads) per worker (default {d.cpus_per_worker})")
