@@ -29,7 +29,8 @@ LRS = "1e-4,3e-4,1e-3,3e-3,1e-2,3e-2"
 
 def sweep(kind: str, seed: int, args) -> dict:
     name = f"{kind}-seed{seed}"
-    argv = ["--job", "augment", "--data", args.data, "--limit-train", str(args.limit_train), "--image-size", "16",
+    limit = ["--limit-train", str(args.limit_train)] if args.limit_train else []
+    argv = ["--job", "augment", "--data", args.data, *limit, "--image-size", "16",
             "--epochs", str(args.epochs), "--batch-size", "32", "--num-workers", "1", "--seed", str(seed),
             "--data-root", args.data_root, "--lr-grid", args.lrs, "--num-samples", "1",
             "--scheduler", "none" if kind == "grid" else "asha", "--grace-period", "1", "--reduction-factor", "3",
@@ -45,8 +46,8 @@ def sweep(kind: str, seed: int, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="synthetic:512", help="dataset (default synthetic:512: 512 train, 128 test images)")
-    p.add_argument("--limit-train", type=int, default=128, help="train on N images, a fixed random draw (default 128)")
+    p.add_argument("--data", default="synthetic:1024", help="dataset (default synthetic:1024: 1024 train, 256 test images)")
+    p.add_argument("--limit-train", type=int, default=0, help="train on N images, a fixed random draw (default 0: all)")
     p.add_argument("--epochs", type=int, default=9, help="epochs per full trial (default 9: ASHA rungs at 1, 3, 9)")
     p.add_argument("--lrs", default=LRS, help=f"the learning-rate grid (default {LRS})")
     p.add_argument("--seeds", type=int, default=1, help="repeats with seeds 0..N-1 (default 1)")
