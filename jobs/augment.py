@@ -18,7 +18,7 @@ from jobs.engine import PLACEMENT_STRATEGIES
 from jobs.augmentations import AugmentSpec, alternating_flip, compose, flip_bits, parse_aug_names
 from jobs.artifact import native_bf16_cpu
 from jobs.cli import UserError, run_cli
-from jobs.data import iterate_batches, load_image_data, num_batches, shard_indices
+from jobs.data import RankShards, iterate_batches, load_image_data
 from jobs.fast import Lookahead, flip_tta, sgd_param_groups, warmup_decay
 from jobs.models import MODELS, build_model, init_whitening_
 from jobs.presets import Preset
@@ -97,27 +97,19 @@ class Config:
 def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> engine.TrainSetup:
     """Data resident as uint8 (on the GPU when there is one), batched device-side augmentation."""
     data = load_image_data(cfg.data, cfg.data_root, cfg.image_size).subset(cfg.limit_train, cfg.limit_test)
-    per_rank_batch = cfg.batch_size // world
+    shards = RankShards(data, rank, world, cfg.batch_size // world, device, cfg.seed)
     on_gpu = device.type == "cuda"
-    home = device if on_gpu else torch.device("cpu")
-    train_x, train_y = data.train_x.to(home), data.train_y.to(home)
-    test_x, test_y = data.test_x.to(home), data.test_y.to(home)
     names = parse_aug_names(cfg.aug)
     augment = compose(names, AugmentSpec())
-    bits = flip_bits(len(train_x), cfg.seed).to(home) if "altflip" in names else None
-    n_train = len(train_x) // world * world
+    bits = flip_bits(len(shards.train_x), cfg.seed).to(shards.home) if "altflip" in names else None
 
     def train_batches(epoch):
-        idx = shard_indices(len(train_x), rank, world, epoch, cfg.seed).to(home)
-        batches = iterate_batches(train_x, train_y, idx, per_rank_batch, device)
+        idx = shards.train_indices(epoch)
+        batches = iterate_batches(shards.train_x, shards.train_y, idx, shards.batch, device)
         if bits is None:
             return batches
-        flips = (bits[i] for i in idx.split(per_rank_batch))  # the same order as the batches
+        flips = (bits[i] for i in idx.split(shards.batch))  # the same order as the batches
         return ((alternating_flip(x, b, epoch), y) for (x, y), b in zip(batches, flips))
-
-    def test_batches():
-        idx = torch.arange(rank, len(test_x), world, device=home)
-        return iterate_batches(test_x, test_y, idx, per_rank_batch, device)
 
     # pixels in [0, 1], optionally standardised per channel with the training set's statistics
     mean, std = channel_stats(data.train_x[:10000]) if cfg.normalize else ((0.0,) * 3, (1.0,) * 3)
@@ -149,8 +141,8 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> eng
     preset = Preset(data.image_size[0], data.image_size[0], mean, std) if cfg.normalize else Preset.plain(data.image_size[0])
     return engine.TrainSetup(
         model=model, optimizer=optimizer,
-        train_batches=train_batches, test_batches=test_batches, prepare=prepare,
-        num_train=n_train, steps_per_epoch=num_batches(n_train // world, per_rank_batch),
+        train_batches=train_batches, test_batches=shards.test_batches, prepare=prepare,
+        num_train=shards.num_train, steps_per_epoch=shards.steps_per_epoch,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
         schedule=(lambda p: warmup_decay(p, cfg.warmup)) if cfg.schedule == "warmup-decay" else None,
         predict=flip_tta if cfg.tta == "flip" else None,

@@ -331,5 +331,29 @@ def iterate_batches(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, bat
         yield x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
 
 
+class RankShards:
+    """One DDP rank's view of an `ImageData` held resident as uint8 (on the GPU when `device` is one,
+    else in host memory): a training shard reshuffled every epoch (`shard_indices`) and a fixed,
+    strided test shard, both in batches of `batch` moved to `device`."""
+
+    def __init__(self, data: ImageData, rank: int, world: int, batch: int, device: torch.device, seed: int):
+        self.rank, self.world, self.batch, self.device, self.seed = rank, world, batch, device, seed
+        self.home = device if device.type == "cuda" else torch.device("cpu")
+        self.train_x, self.train_y = data.train_x.to(self.home), data.train_y.to(self.home)
+        self.test_x, self.test_y = data.test_x.to(self.home), data.test_y.to(self.home)
+        self.num_train = len(self.train_x) // world * world  # examples trained per epoch over all ranks
+        self.steps_per_epoch = num_batches(self.num_train // world, batch)
+
+    def train_indices(self, epoch: int) -> torch.Tensor:
+        return shard_indices(len(self.train_x), self.rank, self.world, epoch, self.seed).to(self.home)
+
+    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iterate_batches(self.train_x, self.train_y, self.train_indices(epoch), self.batch, self.device)
+
+    def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = torch.arange(self.rank, len(self.test_x), self.world, device=self.home)
+        return iterate_batches(self.test_x, self.test_y, idx, self.batch, self.device)
+
+
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
     return n // batch_size if drop_last else math.ceil(n / batch_size)

@@ -31,8 +31,7 @@ import torch
 from jobs import engine
 from jobs.augmentations import horizontal_flip
 from jobs.cli import UserError, config_from_args, init_ray, run_cli
-from jobs.data import (IMAGE_EXTENSIONS, ImageData, _cached, _decode, iterate_batches, load_image_data, num_batches,
-                       shard_indices)
+from jobs.data import IMAGE_EXTENSIONS, ImageData, RankShards, _cached, _decode, load_image_data
 from jobs.style import (IMAGENET_MEAN, IMAGENET_STD, StyleConfig, Targets, VGGFeatures, check_layers, gram,
                         load_image, load_vgg, weighted_losses)
 from jobs.transformer_net import MIN_SIDE, TransformerNet, save_style_model, valid_style_name
@@ -198,11 +197,7 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> eng
     data = load_content_images(cfg.data, cfg.data_root, cfg.image_size, cfg.limit_train).subset(
         cfg.limit_train, cfg.limit_test)
     on_gpu = device.type == "cuda"
-    home = device if on_gpu else torch.device("cpu")
-    train_x, train_y = data.train_x.to(home), data.train_y.to(home)
-    test_x, test_y = data.test_x.to(home), data.test_y.to(home)
-    per_rank_batch = max(1, cfg.batch_size // world)
-    n_train = len(train_x) // world * world
+    shards = RankShards(data, rank, world, max(1, cfg.batch_size // world), device, cfg.seed)
 
     scfg = cfg.style_config()
     extractor = VGGFeatures(load_vgg(cfg.weights, cfg.seed), max(scfg.content_layers + scfg.style_layers)).to(device)
@@ -210,21 +205,13 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> eng
         extractor = extractor.to(memory_format=torch.channels_last)
     grams = style_grams(extractor, load_image(cfg.style, name="style image"), cfg.style_size, scfg, device)
 
-    def train_batches(epoch):
-        idx = shard_indices(len(train_x), rank, world, epoch, cfg.seed).to(home)
-        return iterate_batches(train_x, train_y, idx, per_rank_batch, device)
-
-    def test_batches():
-        idx = torch.arange(rank, len(test_x), world, device=home)
-        return iterate_batches(test_x, test_y, idx, per_rank_batch, device)
-
     def prepare(images, train, g):
         x = images.float().div_(255)  # (B, 3, S, S) in [0, 1]
         if train:
             x = horizontal_flip(x, g)  # the content target is the flipped image itself: always consistent
         return x.contiguous(memory_format=torch.channels_last) if on_gpu else x
 
-    preview = test_x[:cfg.preview_count].to(device)
+    preview = shards.test_x[:cfg.preview_count].to(device)
     out_dir = engine.run_dir(cfg) / "previews"
 
     def after_epoch(model, epoch):
@@ -233,8 +220,8 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> eng
     model = TransformerNet()
     return engine.TrainSetup(
         model=model, optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
-        train_batches=train_batches, test_batches=test_batches, prepare=prepare,
-        num_train=n_train, steps_per_epoch=num_batches(n_train // world, per_rank_batch),
+        train_batches=shards.train_batches, test_batches=shards.test_batches, prepare=prepare,
+        num_train=shards.num_train, steps_per_epoch=shards.steps_per_epoch,
         step_loss=lambda m, x, labels: perceptual_step(m, extractor, grams, scfg, x),
         metric_names=("content", "style", "tv"),
         after_epoch=after_epoch,

@@ -20,7 +20,7 @@ from torch import nn
 
 from jobs import engine
 from jobs.cli import UserError, run_cli
-from jobs.data import DOWNLOADS, iterate_batches, load_image_data, num_batches, shard_indices
+from jobs.data import DOWNLOADS, RankShards, load_image_data
 from jobs.models import build_model
 from jobs.presets import Preset, scaled_resize
 
@@ -247,21 +247,9 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> eng
     source = load_source(cfg.weights, cfg.image_size, load=cfg.mode == "finetune")
     preset = source.preset
     data = load_image_data(cfg.data, cfg.data_root, preset.resize, fit="center")
-    per_rank_batch = cfg.batch_size // world
+    shards = RankShards(data, rank, world, cfg.batch_size // world, device, cfg.seed)
     on_gpu = device.type == "cuda"
-    home = device if on_gpu else torch.device("cpu")
-    train_x, train_y = data.train_x.to(home), data.train_y.to(home)
-    test_x, test_y = data.test_x.to(home), data.test_y.to(home)
-    n_train = len(train_x) // world * world
     scale = (cfg.min_crop_scale, 1.0)
-
-    def train_batches(epoch):
-        idx = shard_indices(len(train_x), rank, world, epoch, cfg.seed).to(home)
-        return iterate_batches(train_x, train_y, idx, per_rank_batch, device)
-
-    def test_batches():
-        idx = torch.arange(rank, len(test_x), world, device=home)
-        return iterate_batches(test_x, test_y, idx, per_rank_batch, device)
 
     def prepare(images, train, g):
         x = preset.train_batch(images, g, scale) if train else preset.eval_batch(images)
@@ -274,8 +262,8 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> eng
               f"preset {preset.to_dict()}", flush=True)
     return engine.TrainSetup(
         model=model, optimizer=optimizer,
-        train_batches=train_batches, test_batches=test_batches, prepare=prepare,
-        num_train=n_train, steps_per_epoch=num_batches(n_train // world, per_rank_batch),
+        train_batches=shards.train_batches, test_batches=shards.test_batches, prepare=prepare,
+        num_train=shards.num_train, steps_per_epoch=shards.steps_per_epoch,
         meta={"classes": data.classes, "arch": source.arch, "image_size": [preset.crop, preset.crop],
               "preset": preset.to_dict(), "weights": source.origin if cfg.mode == "finetune" else "random init"},
     )
