@@ -63,6 +63,14 @@ class LocalCluster:
                              "--dashboard-port", str(self.dashboard_port), "--dashboard-host", "127.0.0.1",
                              "--ray-client-server-port", str(free_port())])
 
+    def node_logs(self, name: str, tail: int = 3000) -> str:
+        """The end of a node's `ray start` output and of its raylet log: why it did not join."""
+        parts = []
+        for path in [self.root / f"{name}.log", *sorted((self.root / name).glob("session_*/logs/raylet.out"))]:
+            if path.is_file():
+                parts.append(f"== {path.name}\n{path.read_text(errors='replace')[-tail:]}")
+        return "\n".join(parts) or f"(no logs for {name})"
+
     def add_node(self, num_cpus: int = 1) -> None:
         self._start(f"node{len(self.pgids)}", ["--address", self.address, "--num-cpus", str(num_cpus)])
 

@@ -24,7 +24,8 @@ def cluster():
     # auth mode set the same everywhere: both nodes, the job drivers, the submitting client
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
            # as cluster.yaml does on the head: jobs wait for worker nodes instead of failing at once
-           "RAYCV_RESOURCE_WAIT_S": "120"}
+           # (generous: on a loaded 2-core machine a new raylet can take minutes to register)
+           "RAYCV_RESOURCE_WAIT_S": "300"}
     env.pop("RAY_ADDRESS", None)
     c = LocalCluster(env=env)
     try:
@@ -70,12 +71,12 @@ def test_augment_job_runs_on_two_nodes(cluster, tmp_path):
         log = read_until(submit, "waiting up to", timeout=150)
         assert "waiting up to" in log, log
         cluster.add_node(num_cpus=1)
-        rest, _ = submit.communicate(timeout=300)  # ~1 min on an idle 2-core machine
+        rest, _ = submit.communicate(timeout=480)  # ~1 min on an idle 2-core machine
     finally:
         if submit.poll() is None:
             submit.kill()
     log += rest
-    assert submit.returncode == 0, log
+    assert submit.returncode == 0, log + "\n--- the added node:\n" + cluster.node_logs("node1")
     assert "SUCCEEDED" in log and "epoch 1/1" in log
 
     result = json.loads((storage / "multinode" / "result.json").read_text())
