@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from jobs.artifact import inference_autocast
+
 MIN_SIDE = 5  # the 9x9 reflection pad needs > 4 pixels, the quarter-size maps >= 2
 WEIGHTS = "weights.pt"
 MANIFEST = "style_model.json"
@@ -101,13 +103,8 @@ class TransformerNet(nn.Module):
 def inference_precision(precision: str, device: torch.device | str) -> str:
     """"auto" -> "bf16" on a CPU with native bfloat16 (AVX-512 BF16 or AMX: about 1.6x the fp32
     speed of a 512x512 forward on 2 cores, mean pixel change ~1/255), else "fp32"; others pass through."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    if precision != "auto":
-        return precision
-    from jobs.artifact import native_bf16_cpu
-
-    return "bf16" if torch.device(device).type == "cpu" and native_bf16_cpu() else "fp32"
+    # the classifier's rule, except that a GPU stays fp32 (fp16 is not what this network was checked in)
+    return "bf16" if inference_autocast(precision, device) == torch.bfloat16 else "fp32"
 
 
 @torch.inference_mode()

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from jobs.artifact import PRECISIONS
 from jobs.cli import UserError
 from jobs.style import StyleConfig
 
@@ -74,10 +75,9 @@ class ServeConfig:
                      "ingress_cpus", "fast_style_cpus", "fast_style_gpus"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.classifier_precision not in ("auto", "fp32", "bf16"):
-            raise UserError(f"classifier_precision must be auto, fp32 or bf16, got {self.classifier_precision!r}")
-        if self.fast_style_precision not in ("auto", "fp32", "bf16"):
-            raise UserError(f"fast_style_precision must be auto, fp32 or bf16, got {self.fast_style_precision!r}")
+        for name in ("classifier_precision", "fast_style_precision"):
+            if getattr(self, name) not in PRECISIONS:
+                raise UserError(f"{name} must be auto, fp32 or bf16, got {getattr(self, name)!r}")
         for name in ("max_body_mb", "sync_timeout_s", "job_lease_s", "job_ttl_s"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
