@@ -21,10 +21,9 @@ from torch import nn
 from jobs import engine
 from jobs.cli import UserError, run_cli
 from jobs.data import DOWNLOADS, RankShards, load_image_data
-from jobs.models import build_model
+from jobs.models import HEADS, build_model
 from jobs.presets import Preset, scaled_resize
 
-HEAD = "fc"  # torchvision ResNet's classifier: the layer that is replaced
 # default base lr per mode. The references sum the loss over the batch (PyTorch: lr 5e-5 / 5e-4 with
 # l.sum()) or normalise by it (MXNet: 0.01 / 0.1); with our mean loss the MXNet numbers are the ones.
 DEFAULT_LR = {"finetune": 0.01, "scratch": 0.1}
@@ -180,14 +179,14 @@ def _guess_arch(state: dict[str, torch.Tensor], file: Path) -> str:
                     f"({'missing' if stem is None else f'shape {tuple(stem.shape)}'}, expected (64, 3, 7, 7) or (64, 3, 3, 3))")
 
 
-def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
-    """Copy every tensor of `state` into `model` except the head, which stays new.
+def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], origin: str, head: str = "fc") -> None:
+    """Copy every tensor of `state` into `model` except the head (attribute `head`), which stays new.
 
     Every non-head tensor must exist on both sides with the same shape; the first one that does
     not is named in the error (a different architecture, or a file of another model).
     """
-    mine = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD + ".")}
-    theirs = {k: v for k, v in state.items() if not k.startswith(HEAD + ".")}
+    mine = {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}
+    theirs = {k: v for k, v in state.items() if not k.startswith(head + ".")}
     for key, want in mine.items():
         if key not in theirs:
             raise UserError(f"weights {origin} do not fit the model: first bad key {key} (missing)")
@@ -198,7 +197,7 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], origin: str)
     if extra:
         raise UserError(f"weights {origin} do not fit the model: first bad key {extra[0]} (unexpected)")
     missing, _ = model.load_state_dict(theirs, strict=False)
-    assert all(k.startswith(HEAD + ".") for k in missing), missing
+    assert all(k.startswith(head + ".") for k in missing), missing
 
 
 def build_classifier(cfg: Config, source: Source, num_classes: int) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -208,14 +207,14 @@ def build_classifier(cfg: Config, source: Source, num_classes: int) -> tuple[nn.
     with freeze_backbone only the head trains. scratch: random init, one group at lr.
     """
     model = build_model(source.arch, num_classes)  # Xavier-uniform everywhere, the head included
-    head = getattr(model, HEAD)
+    head = getattr(model, HEADS[source.arch])
     head_ids = {id(p) for p in head.parameters()}
     backbone = [p for p in model.parameters() if id(p) not in head_ids]
     if cfg.mode == "scratch":
         groups = [{"params": list(model.parameters()), "lr": cfg.lr, "name": "all"}]
     else:
         if source.state is not None:
-            load_backbone(model, source.state, source.origin)
+            load_backbone(model, source.state, source.origin, HEADS[source.arch])
         groups = [{"params": list(head.parameters()), "lr": cfg.lr * cfg.head_lr_mult, "name": "head"}]
         if cfg.freeze_backbone:
             freeze(model, head_ids)

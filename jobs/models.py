@@ -125,6 +125,8 @@ def fast_cifar_net_wide(num_classes: int = 10) -> nn.Module:
 
 MODELS = {"cifar_resnet18": cifar_resnet18, "resnet18": imagenet_resnet18,
           "fast_cifar_net": fast_cifar_net, "fast_cifar_net_wide": fast_cifar_net_wide}
+HEADS = {"cifar_resnet18": "fc", "resnet18": "fc", "fast_cifar_net": "head", "fast_cifar_net_wide": "head"}
+"""Each architecture's classifier layer (the attribute fine-tuning replaces)."""
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:

@@ -123,10 +123,10 @@ def test_imagenet_weights_without_cache_or_network_is_one_clear_error(tmp_path, 
     assert load_source("imagenet", load=False).state is None  # scratch mode needs no weights
 
 
-def augment_style_checkpoint(run: Path, num_classes: int = 4) -> dict:
+def augment_style_checkpoint(run: Path, num_classes: int = 4, arch: str = "cifar_resnet18") -> dict:
     """A checkpoint laid out as engine._report writes it for jobs.augment, in <run>/checkpoint_*/."""
-    model = build_model("cifar_resnet18", num_classes)
-    meta = {"classes": [f"c{i}" for i in range(num_classes)], "arch": "cifar_resnet18", "image_size": [32, 32],
+    model = build_model(arch, num_classes)
+    meta = {"classes": [f"c{i}" for i in range(num_classes)], "arch": arch, "image_size": [32, 32],
             "preset": Preset.plain(32).to_dict()}
     ckpt = run / "checkpoint_2026-01-01_00-00-00.000000"
     ckpt.mkdir(parents=True)
@@ -150,6 +150,21 @@ def test_weights_from_an_augmentation_checkpoint_keep_its_architecture_and_size(
     torch.save({"module." + k: v for k, v in state.items()}, tmp_path / "ddp.pt")
     bare = load_source(str(tmp_path / "ddp.pt"), image_size=48)
     assert bare.arch == "cifar_resnet18" and bare.preset.crop == 48 and "conv1.weight" in bare.state
+
+
+def test_weights_from_a_fast_recipe_checkpoint_replace_its_own_head(tmp_path):
+    """`--recipe fast` trains FastCifarNet, whose classifier is `head`, not ResNet's `fc`."""
+    state = augment_style_checkpoint(tmp_path / "run", arch="fast_cifar_net")
+    source = load_source(str(tmp_path / "run"))
+    assert source.arch == "fast_cifar_net"
+    model, opt = build_classifier(Config(lr=0.02), source, num_classes=2)
+    torch.testing.assert_close(model.whiten.weight, state["whiten.weight"])
+    torch.testing.assert_close(model.blocks[2].conv2.weight, state["blocks.2.conv2.weight"])
+    assert model.head.out_features == 2
+    backbone, head = opt.param_groups
+    assert {id(p) for p in head["params"]} == {id(p) for p in model.head.parameters()}
+    assert head["lr"] == 0.02 * Config().head_lr_mult
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 2)
 
 
 def test_mismatched_weights_name_the_first_bad_key(tmp_path):
