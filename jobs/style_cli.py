@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from jobs.cli import UserError, config_from_args, init_ray
-from jobs.style import StyleConfig, cached_extractor, config_dict, load_image, stylize
+from jobs.style import (StyleConfig, cached_extractor, config_dict, load_image, resolve_device, resolve_precision,
+                        stylize)
 
 RANDOM_WEIGHTS_WARNING = ("WARNING: --weights random: VGG-19 has RANDOM weights. The output is NOT a real "
                           "style transfer; use it only for tests and offline demos.")
@@ -48,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for noise init and random weights [0]")
     p.add_argument("--weights", help="imagenet (torch hub cache), random (tests/demos only) or a state-dict PATH [imagenet]")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (single mode) [cpu]")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="VGG arithmetic; losses stay fp32 [fp32]")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="VGG arithmetic (losses are fp32): auto = bf16 where it is native (a CPU with AVX-512 BF16 "
+                        "or AMX, a GPU with bf16), else fp32 [auto]")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last VGG (same math, faster convolutions) [on]")
     p.add_argument("--max-pixels", type=int, help="refuse input images / sizes with more pixels [40000000]")
@@ -110,7 +113,8 @@ def run_single(cfg: StyleConfig, content: str, style: str, out: str) -> dict:
     image.save(out)
     stem = out[:-4]
     plot_losses(history, stem + "-losses.png")
-    result = {"config": config_dict(cfg), "content": content, "style": style, "output": out,
+    result = {"config": config_dict(cfg), "precision": resolve_precision(cfg.precision, resolve_device(cfg.device)),
+              "content": content, "style": style, "output": out,
               "seconds": seconds, "final": history[-1] if history else None, "history": history}
     if cfg.weights == "random":
         result["warning"] = RANDOM_WEIGHTS_WARNING

@@ -62,6 +62,33 @@ def test_gram_symmetric_and_batched():
     assert torch.allclose(g[1], S.gram(x[1:2])[0])
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_gram_gradient_in_both_layouts(memory_format):
+    """The Gram's one-product backward F (dG + dG^T) / n against finite differences (float64)."""
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64).to(memory_format=memory_format).requires_grad_()
+    assert torch.autograd.gradcheck(S.gram, (x,))
+    plain = torch.bmm(x.reshape(2, 3, 20), x.reshape(2, 3, 20).transpose(1, 2)) / 60
+    assert torch.allclose(S.gram(x), plain)
+
+
+def test_bf16_gram_is_fp32_and_close():
+    x = torch.rand(1, 16, 12, 10)
+    g = S.gram(x.bfloat16())
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(g, S.gram(x), rtol=2e-2, atol=1e-3)
+    fp32 = S.gram(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast does not reach inside: fp32 in, fp32 product
+        assert torch.equal(S.gram(x), fp32)
+
+
+def test_precision_auto_resolves_to_what_the_device_does_natively():
+    assert S.resolve_precision("fp32", "cpu") == "fp32" and S.resolve_precision("bf16", "cpu") == "bf16"
+    from jobs.artifact import native_bf16_cpu
+    assert S.resolve_precision("auto", "cpu") == ("bf16" if native_bf16_cpu() else "fp32")
+    with pytest.raises(UserError, match="precision"):
+        S.StyleConfig(precision="fp16").validate()
+
+
 def test_content_loss_by_hand():
     y_hat = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
     y = torch.tensor([1.0, 1.0, 1.0], requires_grad=True)
