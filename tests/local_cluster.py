@@ -64,9 +64,12 @@ class LocalCluster:
                              "--ray-client-server-port", str(free_port())])
 
     def node_logs(self, name: str, tail: int = 3000) -> str:
-        """The end of a node's `ray start` output and of its raylet log: why it did not join."""
+        """The end of a node's `ray start` output, its raylet log and the logs of job drivers it ran:
+        why it did not join, or where a job got stuck."""
         parts = []
-        for path in [self.root / f"{name}.log", *sorted((self.root / name).glob("session_*/logs/raylet.out"))]:
+        logs = sorted((self.root / name).glob("session_*/logs/raylet.out"))
+        logs += sorted((self.root / name).glob("session_*/logs/job-driver-*.log"))
+        for path in [self.root / f"{name}.log", *logs]:
             if path.is_file():
                 parts.append(f"== {path.name}\n{path.read_text(errors='replace')[-tail:]}")
         return "\n".join(parts) or f"(no logs for {name})"
