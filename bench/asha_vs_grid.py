@@ -15,6 +15,8 @@ import argparse
 import csv
 import json
 import os
+import random
+import shlex
 import statistics
 import sys
 import time
@@ -27,12 +29,22 @@ from tune import lr  # noqa: E402
 LRS = "1e-4,3e-4,1e-3,3e-3,1e-2,3e-2"
 
 
+def grid_order(lrs: str, seed: int, shuffle: bool) -> str:
+    """The grid as given, or shuffled with `seed`: Tune starts grid points in list order, and async
+    ASHA promotes the first trials to reach a rung almost unopposed, so an ascending grid hands
+    those free promotions to the smallest learning rates. The grid sweep does not depend on it."""
+    values = lrs.split(",")
+    if shuffle:
+        random.Random(seed).shuffle(values)
+    return ",".join(values)
+
+
 def sweep(kind: str, seed: int, args) -> dict:
     name = f"{kind}-seed{seed}"
     limit = ["--limit-train", str(args.limit_train)] if args.limit_train else []
-    argv = ["--job", "augment", "--data", args.data, *limit, "--image-size", "16",
-            "--epochs", str(args.epochs), "--batch-size", "32", "--num-workers", "1", "--seed", str(seed),
-            "--data-root", args.data_root, "--lr-grid", args.lrs, "--num-samples", "1",
+    argv = ["--job", "augment", "--data", args.data, *limit, *shlex.split(args.job_flags),
+            "--epochs", str(args.epochs), "--num-workers", "1", "--seed", str(seed),
+            "--data-root", args.data_root, "--lr-grid", grid_order(args.lrs, seed, args.shuffle), "--num-samples", "1",
             "--scheduler", "none" if kind == "grid" else "asha", "--grace-period", "1", "--reduction-factor", "3",
             "--storage-path", args.out, "--name", name]
     t0 = time.perf_counter()
@@ -50,7 +62,11 @@ def main() -> None:
     p.add_argument("--limit-train", type=int, default=0, help="train on N images, a fixed random draw (default 0: all)")
     p.add_argument("--epochs", type=int, default=9, help="epochs per full trial (default 9: ASHA rungs at 1, 3, 9)")
     p.add_argument("--lrs", default=LRS, help=f"the learning-rate grid (default {LRS})")
+    p.add_argument("--job-flags", default="--image-size 16 --batch-size 32",
+                   help="more jobs.augment flags for every trial (default '--image-size 16 --batch-size 32')")
+    p.add_argument("--shuffle", action="store_true", help="start the grid's points in an order shuffled by the seed")
     p.add_argument("--seeds", type=int, default=1, help="repeats with seeds 0..N-1 (default 1)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed+N-1 (default 0)")
     p.add_argument("--out", default="results/bench-asha", help="where the sweeps go (default results/bench-asha)")
     p.add_argument("--data-root", default="data", help="dataset cache (default data)")
     args = p.parse_args()
@@ -59,7 +75,7 @@ def main() -> None:
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2)
     runs = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         grid, asha = sweep("grid", seed, args), sweep("asha", seed, args)
         runs.append({"seed": seed, "grid": grid, "asha": asha, "epoch_ratio": asha["epochs"] / grid["epochs"],
                      "acc_gap_points": 100 * (grid["best_test_acc"] - asha["best_test_acc"])})

@@ -108,7 +108,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """"auto" -> "bf16" where bfloat16 is native (a CPU with AVX-512 BF16 or AMX, a CUDA GPU that
     supports it), else "fp32"; "fp32" and "bf16" stay. At 300x450 on a 2-core AVX-512 BF16 CPU a bf16
-    step is about 2.3x the fp32 one and its losses stay within 1% of fp32's (BENCHMARKS.md)."""
+    step takes half the fp32 one and the first steps' losses stay within 1% of fp32's (BENCHMARKS.md)."""
     if precision != "auto":
         return precision
     device = torch.device(device)
