@@ -228,8 +228,10 @@ def phase_lbfgs(args, content, style, features, ref_per_step_s: float) -> dict:
     """L-BFGS loss-vs-time curves, each run for `--lbfgs-budget` x (500 x reference s/step)."""
     budget = args.lbfgs_budget * 500 * ref_per_step_s
     out = {"budget_s": budget, "runs": {}}
-    for name, kw in {"lbfgs 300x450": dict(scales=[1.0]),
-                     "lbfgs 150x225 -> 300x450": dict(scales=[0.5, 1.0])}.items():
+    variants = {"lbfgs 300x450": dict(scales=[1.0]), "lbfgs 150x225 -> 300x450": dict(scales=[0.5, 1.0])}
+    if args.lbfgs_variants != "both":
+        variants = {k: v for k, v in variants.items() if (len(v["scales"]) > 1) == (args.lbfgs_variants == "coarse-to-fine")}
+    for name, kw in variants.items():
         curves = []
         for _ in range(args.lbfgs_repeats):
             cfg = S.StyleConfig(size=list(args.size), steps=args.lbfgs_steps, optimizer="lbfgs", weights="random", **kw)
@@ -289,6 +291,8 @@ def main() -> None:
     p.add_argument("--ref-steps", type=int, default=500, help="reference Adam steps (phase ref500)")
     p.add_argument("--lbfgs-steps", type=int, default=1000, help="max L-BFGS evaluations per scale (phase lbfgs)")
     p.add_argument("--lbfgs-repeats", type=int, default=1, help="repeats of each L-BFGS run")
+    p.add_argument("--lbfgs-variants", default="both", choices=["both", "single", "coarse-to-fine"],
+                   help="which L-BFGS runs: at 300x450 only, coarse-to-fine (150x225 then 300x450), or both")
     p.add_argument("--lbfgs-budget", type=float, default=0.25,
                    help="run each L-BFGS curve for this fraction of 500 reference steps' time")
     p.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported")
