@@ -96,7 +96,8 @@ def main() -> None:
                                    args.target_per_class)
     py = [sys.executable, "-m"]
     common = ["--data-root", str(work / "data"), "--storage-path", str(work / "runs"), "--num-workers", "2"]
-    source_name = f"source-{args.source_recipe}-{args.source_per_class}"
+    # every run name says what it depends on: a re-run under an existing name would resume that run
+    source_name = f"source-{args.source_recipe}-{args.source_per_class}" + (f"-b{args.source_budget:g}" if args.source_budget else "")
     budget = ["--time-budget", f"{args.source_budget:g}"] if args.source_budget else []
     commands = {
         "source": py + ["jobs.augment", "--recipe", args.source_recipe, "--data", str(source),
@@ -108,7 +109,7 @@ def main() -> None:
                         "--epochs", str(args.epochs), "--seed", str(seed), *common]
         for mode, lr in (("finetune", args.finetune_lr), ("scratch", args.scratch_lr)):
             lr_flags = ["--lr", f"{lr:g}"] if lr else []
-            name = f"{args.source_recipe}-{mode}{f'-lr{lr:g}' if lr else ''}-e{args.epochs}-s{seed}"
+            name = f"{source_name.removeprefix('source-')}-{mode}{f'-lr{lr:g}' if lr else ''}-e{args.epochs}-s{seed}"
             commands[f"{mode}-s{seed}"] = py + ["jobs.finetune", *target_flags, "--mode", mode, *lr_flags, "--name", name]
 
     results = {}
