@@ -96,8 +96,9 @@ def main() -> None:
                                    args.target_per_class)
     py = [sys.executable, "-m"]
     common = ["--data-root", str(work / "data"), "--storage-path", str(work / "runs"), "--num-workers", "2"]
-    # every run name says what it depends on: a re-run under an existing name would resume that run
-    source_name = f"source-{args.source_recipe}-{args.source_per_class}" + (f"-b{args.source_budget:g}" if args.source_budget else "")
+    # every run name says what it depends on: a re-run under an existing name resumes (or reuses) that run
+    source_name = (f"source-{args.source_recipe}-{args.source_per_class}-"
+                   + (f"b{args.source_budget:g}" if args.source_budget else f"e{args.source_epochs}"))
     budget = ["--time-budget", f"{args.source_budget:g}"] if args.source_budget else []
     commands = {
         "source": py + ["jobs.augment", "--recipe", args.source_recipe, "--data", str(source),
@@ -116,9 +117,8 @@ def main() -> None:
     for key, cmd in commands.items():
         name = cmd[cmd.index("--name") + 1]
         done = work / "runs" / name / "result.json"
-        if key == "source" and done.exists() and (json.loads(done.read_text())["config"]["time_budget"] or 0) == args.source_budget \
-                and (args.source_budget or json.loads(done.read_text())["epochs"] == args.source_epochs):
-            wall = float("nan")  # the same source run, already finished by an earlier invocation
+        if key == "source" and done.exists():
+            wall = float("nan")  # the same source run (its name says so), finished by an earlier invocation
         else:
             wall = run(cmd, work / f"{name}.log")
         r = json.loads(done.read_text())

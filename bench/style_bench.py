@@ -228,10 +228,10 @@ def phase_lbfgs(args, content, style, features, ref_per_step_s: float) -> dict:
     """L-BFGS loss-vs-time curves, each run for `--lbfgs-budget` x (500 x reference s/step)."""
     budget = args.lbfgs_budget * 500 * ref_per_step_s
     out = {"budget_s": budget, "runs": {}}
-    variants = {"lbfgs 300x450": dict(scales=[1.0]), "lbfgs 150x225 -> 300x450": dict(scales=[0.5, 1.0])}
-    if args.lbfgs_variants != "both":
-        variants = {k: v for k, v in variants.items() if (len(v["scales"]) > 1) == (args.lbfgs_variants == "coarse-to-fine")}
-    for name, kw in variants.items():
+    variants = {"single": ("lbfgs 300x450", dict(scales=[1.0])),
+                "coarse-to-fine": ("lbfgs 150x225 -> 300x450", dict(scales=[0.5, 1.0]))}
+    chosen = variants.values() if args.lbfgs_variants == "both" else [variants[args.lbfgs_variants]]
+    for name, kw in chosen:
         curves = []
         for _ in range(args.lbfgs_repeats):
             cfg = S.StyleConfig(size=list(args.size), steps=args.lbfgs_steps, optimizer="lbfgs", weights="random", **kw)
