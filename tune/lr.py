@@ -22,8 +22,9 @@ from typing import Any
 
 from jobs import engine
 from jobs.cli import UserError, config_from_args, init_ray, run_cli
-from tune.sweep import (OutputDir, absolute_if_local, check_restore, format_table, is_uri,
-                        read_sweep_file, sweep_path, trial_concurrency, tune_storage, write_csv)
+from jobs.paths import absolute as absolute_if_local, is_uri
+from tune.sweep import (OutputDir, check_restore, format_table, read_sweep_file, sweep_path, trial_concurrency,
+                        tune_storage, write_csv)
 
 METRIC, MODE = "test_acc", "max"
 

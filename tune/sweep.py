@@ -4,27 +4,22 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 from jobs.cli import UserError
-
-def is_uri(path: str) -> bool:
-    return "://" in path
+from jobs.paths import absolute, is_uri, storage_dir
 
 
 def sweep_path(storage_path: str, name: str) -> str:
     """Where Tune keeps the sweep: `<storage_path>/<name>` (absolute for local paths)."""
-    if is_uri(storage_path):
-        return storage_path.rstrip("/") + "/" + name
-    return str(Path(storage_path).expanduser().resolve() / name)
+    return str(storage_dir(storage_path, name))
 
 
 def tune_storage(storage_path: str) -> str:
     """Tune wants an absolute local path or a URI."""
-    return storage_path if is_uri(storage_path) else str(Path(storage_path).expanduser().resolve())
+    return absolute(storage_path)
 
 
 def trial_concurrency(cpus_per_trial: float, gpus_per_trial: float, limit: int | None = None) -> int:
@@ -132,10 +127,3 @@ def pareto_front(points: Sequence[Sequence[float]]) -> list[bool]:
         return all(a <= b for a, b in zip(p, q)) and any(a < b for a, b in zip(p, q))
 
     return [not any(dominates(q, p) for q in points if q is not p) for p in points]
-
-
-def absolute_if_local(value: str | None) -> str | None:
-    """Tune runs each trial in its own working directory: turn relative local paths absolute."""
-    if value is None or is_uri(value) or os.path.isabs(value):
-        return value
-    return str(Path(value).expanduser().resolve())
