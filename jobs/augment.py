@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from jobs import engine
-from jobs.engine import PLACEMENT_STRATEGIES
 from jobs.augmentations import AugmentSpec, alternating_flip, compose, flip_bits, parse_aug_names
-from jobs.artifact import native_bf16_cpu
 from jobs.cli import UserError, run_cli
+from jobs.config import RunOptions, build_parser, load_config, option
 from jobs.data import RankShards, iterate_batches, load_image_data
 from jobs.fast import Lookahead, flip_tta, sgd_param_groups, warmup_decay
 from jobs.models import MODELS, build_model, init_whitening_
+from jobs.precision import PRECISIONS
 from jobs.presets import Preset
 
 # Fields left None take the recipe's value. "reference" is SPEC section 1; "fast" follows airbench
@@ -37,55 +37,73 @@ RECIPES = {
 FAST_LR_PER_1024 = 11.5 / (1 + 1 / (1 - 0.85))  # = 1.5 for the mean loss of a 1024 batch
 
 
+def recipe_default(key: str) -> str:
+    """The printed default of a field the recipe decides."""
+    return f"reference: {RECIPES['reference'][key]}; fast: {RECIPES['fast'][key]}"
+
+
 @dataclass
-class Config:
+class Config(RunOptions):
     """The augmentation job. Defaults are the reference recipe (SPEC section 1); `recipe="fast"`
     changes the defaults of the fields left None (see RECIPES); any field can still be set."""
 
-    recipe: str = "reference"      # reference | fast
-    data: str = "cifar10"          # cifar10 | synthetic[:N] | ImageFolder dir or .zip
-    data_root: str = "data"        # downloads and decoded-tensor cache
-    image_size: int | None = None  # resize ImageFolder images to this square size
-    limit_train: int | None = None  # use only N training images, a fixed random draw (quick runs)
-    limit_test: int | None = None
-    aug: str | None = None         # comma-separated: none | flip,vflip,crop,color,translate,altflip
-    arch: str | None = None
-    epochs: int | None = None
-    batch_size: int | None = None  # global batch, split evenly over the workers
-    optimizer: str | None = None   # adam | sgd (Nesterov)
-    lr: float | None = None
-    momentum: float = 0.85         # SGD only
-    weight_decay: float | None = None
-    bn_lr_scale: float = 64.0      # SGD only: lr multiplier for BatchNorm parameters
-    label_smoothing: float | None = None
-    schedule: str | None = None    # constant | warmup-decay (per step, over the planned steps)
-    warmup: float = 0.23           # warm-up fraction of warmup-decay
-    lookahead: bool | None = None  # lookahead weight averaging
-    tta: str | None = None         # none | flip: test-time augmentation at evaluation
-    whiten: bool | None = None     # initialise the first layer to whiten image patches (fast_cifar_net)
-    normalize: bool | None = None  # standardise inputs with the training set's per-channel mean/std
-    time_budget: float | None = None  # seconds of training; replaces --epochs (see engine.plan_steps)
-    eval_every: int = 1            # evaluate every N epochs (0: only after the last)
-    # auto: fp16 AMP on GPU, fp32 on CPU; fast: auto, except bf16 autocast on a CPU with native bfloat16
-    # (AVX-512 BF16/AMX: ~2x the fp32 step rate of the fast net); bf16 | fp16 | fp32: that one everywhere
-    precision: str | None = None
-    channels_last: bool | None = None  # channels_last on CPU too (always on GPU): ~1.8x the fast net's CPU speed
-    num_workers: int = 2
-    cpus_per_worker: int = 1
-    use_gpu: bool = False
-    placement_strategy: str = "PACK"  # how workers are placed on nodes: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
-    storage_path: str = "results"
-    name: str = ""                 # run name; "" -> augment-<data>-<aug>
-    seed: int = 0
+    recipe: str = option("reference", "defaults for the fields left unset: reference (SPEC) or fast (small net, "
+                         "airbench-style recipe)", choices=tuple(RECIPES))
+    data: str = option("cifar10", "cifar10 (downloads), synthetic[:N] (generated, offline), or an ImageFolder "
+                       "directory/.zip with train/ and test/")
+    data_root: str = option("data", "where datasets are downloaded and decoded tensors cached")
+    image_size: int | None = option(None, "resize ImageFolder images to this square size", min=1,
+                                    default_text="keep; all must match")
+    limit_train: int | None = option(None, "train on N images only, drawn at random with a fixed seed (quick runs)",
+                                     min=1, default_text="all")
+    limit_test: int | None = option(None, "evaluate on N test images only (fixed random draw)", min=1,
+                                    default_text="all")
+    aug: str | None = option(None, "augmentations, comma-separated: none, flip, vflip, crop, color, translate "
+                             "(2-pixel reflect-padded shifts), altflip (each image flipped in alternate epochs)",
+                             default_text=recipe_default("aug"))
+    arch: str | None = option(None, "model", choices=sorted(MODELS), default_text=recipe_default("arch"))
+    epochs: int | None = option(None, "epochs, unless --time-budget is given", min=1,
+                                default_text=recipe_default("epochs"))
+    time_budget: float | None = option(None, "train for this many seconds instead of --epochs: the schedule is "
+                                       "planned to fit (training steps only; evaluation is extra)", above=0,
+                                       default_text="none")
+    batch_size: int | None = option(None, "global batch size, split over workers", min=1,
+                                    default_text=recipe_default("batch_size"))
+    optimizer: str | None = option(None, "adam, or sgd with Nesterov momentum", choices=("adam", "sgd"),
+                                   default_text=recipe_default("optimizer"))
+    lr: float | None = option(None, "learning rate", above=0,
+                              default_text=f"reference: 0.001; fast: {FAST_LR_PER_1024:.2f} x batch size / 1024")
+    momentum: float = option(0.85, "SGD momentum", min=0, max=1)
+    weight_decay: float | None = option(None, "weight decay", min=0, default_text=recipe_default("weight_decay"))
+    bn_lr_scale: float = option(64.0, "SGD: lr multiplier of BatchNorm parameters", above=0)
+    label_smoothing: float | None = option(None, "label smoothing of the cross-entropy", min=0, max=1,
+                                           default_text=recipe_default("label_smoothing"))
+    schedule: str | None = option(None, "per-step lr schedule over the planned steps",
+                                  choices=("constant", "warmup-decay"), default_text=recipe_default("schedule"))
+    warmup: float = option(0.23, "warm-up fraction of warmup-decay", min=0, max=1)
+    lookahead: bool | None = option(None, "lookahead weight averaging", default_text=recipe_default("lookahead"))
+    tta: str | None = option(None, "test-time augmentation at evaluation", choices=("none", "flip"),
+                             default_text=recipe_default("tta"))
+    whiten: bool | None = option(None, "initialise the first layer to whiten 2x2 patches (fast_cifar_net only)",
+                                 default_text=recipe_default("whiten"))
+    normalize: bool | None = option(None, "standardise inputs with the training set's channel mean/std",
+                                    default_text=recipe_default("normalize"))
+    precision: str | None = option(None, "autocast, resolved on each worker (jobs/precision.py): auto = fp16 with "
+                                   "loss scaling on GPU, fp32 on CPU; fast = auto, but bf16 on a CPU with native "
+                                   "bfloat16 (AVX-512 BF16/AMX); bf16 | fp16 | fp32 everywhere",
+                                   choices=PRECISIONS, default_text=recipe_default("precision"))
+    channels_last: bool | None = option(None, "channels_last tensors on CPU too (always on GPU)",
+                                        default_text=recipe_default("channels_last"))
+    eval_every: int = option(1, "evaluate on the test set every N epochs; 0: only after the last", min=0)
+    name: str = option("", "run name; re-running with the same name resumes it",
+                       default_text="augment[-fast]-<data>-<aug>")
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
-            raise UserError(f"unknown recipe {self.recipe!r}; choose from {', '.join(RECIPES)}")
+            raise UserError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
         for key, value in RECIPES[self.recipe].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
-        if self.precision == "fast":  # decided here, so the resolved config printed and saved says which
-            self.precision = "bf16" if not self.use_gpu and native_bf16_cpu() else "auto"
         if self.lr is None:  # the fast recipe's SGD lr grows with the batch
             self.lr = FAST_LR_PER_1024 * self.batch_size / 1024
         if not self.name:
@@ -159,84 +177,29 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.augment", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d, ref, fast = Config, RECIPES["reference"], RECIPES["fast"]
-
-    def default(key):
-        return f"(default {ref[key]}; fast recipe: {fast[key]})"
-
-    def switch(flag, key, text):
-        p.add_argument(f"--{flag}", dest=key, action=argparse.BooleanOptionalAction, help=f"{text} {default(key)}")
-
-    p.add_argument("--config", help="JSON file of config fields (e.g. a sweep's best.json); flags override it")
-    p.add_argument("--recipe", choices=sorted(RECIPES), help=f"defaults for the fields below: reference (SPEC) or fast (small net, airbench-style recipe) (default {d.recipe})")
-    p.add_argument("--data", help=f"cifar10 (downloads), synthetic[:N] (generated, offline), or an ImageFolder directory/.zip with train/ and test/ (default {d.data})")
-    p.add_argument("--data-root", help=f"where datasets are downloaded and decoded tensors cached (default {d.data_root})")
-    p.add_argument("--image-size", type=int, help="resize ImageFolder images to this square size (default: keep; all must match)")
-    p.add_argument("--limit-train", type=int, help="train on N images only, drawn at random with a fixed seed (quick runs)")
-    p.add_argument("--limit-test", type=int, help="evaluate on N test images only (fixed random draw)")
-    p.add_argument("--aug", help=f"augmentations, comma-separated: none, flip, vflip, crop, color, translate (2-pixel reflect-padded shifts), altflip (each image flipped in alternate epochs) {default('aug')}")
-    p.add_argument("--arch", choices=sorted(MODELS), help=f"model {default('arch')}")
-    p.add_argument("--epochs", type=int, help=f"epochs, unless --time-budget is given {default('epochs')}")
-    p.add_argument("--time-budget", type=float, help="train for this many seconds instead of --epochs: the schedule is planned to fit (training steps only; evaluation is extra)")
-    p.add_argument("--batch-size", type=int, help=f"global batch size, split over workers {default('batch_size')}")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], help=f"adam, or sgd with Nesterov momentum {default('optimizer')}")
-    p.add_argument("--lr", type=float, help=f"learning rate (default {ref['lr']}; fast recipe: {FAST_LR_PER_1024:.2f} x batch size / 1024)")
-    p.add_argument("--momentum", type=float, help=f"SGD momentum (default {d.momentum})")
-    p.add_argument("--weight-decay", type=float, help=f"weight decay {default('weight_decay')}")
-    p.add_argument("--bn-lr-scale", type=float, help=f"SGD: lr multiplier of BatchNorm parameters (default {d.bn_lr_scale})")
-    p.add_argument("--label-smoothing", type=float, help=f"label smoothing of the cross-entropy {default('label_smoothing')}")
-    p.add_argument("--schedule", choices=["constant", "warmup-decay"], help=f"per-step lr schedule over the planned steps {default('schedule')}")
-    p.add_argument("--warmup", type=float, help=f"warm-up fraction of warmup-decay (default {d.warmup})")
-    switch("lookahead", "lookahead", "lookahead weight averaging")
-    p.add_argument("--tta", choices=["none", "flip"], help=f"test-time augmentation at evaluation {default('tta')}")
-    switch("whiten", "whiten", "initialise the first layer to whiten 2x2 patches (fast_cifar_net only)")
-    switch("normalize", "normalize", "standardise inputs with the training set's channel mean/std")
-    p.add_argument("--precision", choices=["auto", "fast", "bf16", "fp16", "fp32"], help=f"autocast: auto = fp16 with loss scaling on GPU, fp32 on CPU; fast = auto, but bf16 on a CPU with native bfloat16 (AVX-512 BF16/AMX); bf16 on any device {default('precision')}")
-    switch("channels-last", "channels_last", "channels_last tensors on CPU too (always on GPU)")
-    p.add_argument("--eval-every", type=int, help=f"evaluate on the test set every N epochs; 0: only after the last (default {d.eval_every})")
-    p.add_argument("--num-workers", type=int, help=f"Ray Train workers (DDP ranks) (default {d.num_workers})")
-    p.add_argument("--cpus-per-worker", type=int, help=f"CPUs (and torch threads) per worker (default {d.cpus_per_worker})")
-    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker, AMP and channels_last")
-    p.add_argument("--placement-strategy", choices=PLACEMENT_STRATEGIES,
-                   help=f"how workers are placed on nodes: PACK fills one node first, SPREAD puts them on different "
-                        f"nodes, STRICT_* insist (default {d.placement_strategy})")
-    p.add_argument("--storage-path", help=f"where runs are stored: <storage-path>/<name>/ (default {d.storage_path})")
-    p.add_argument("--name", help="run name; re-running with the same name resumes it (default augment[-fast]-<data>-<aug>)")
-    p.add_argument("--seed", type=int, help=f"seed for init, shuffling and augmentation (default {d.seed})")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
-    return p.parse_args(argv)
+    return build_parser(Config, "python -m jobs.augment", __doc__).parse_args(argv)
 
 
 def validate(cfg: Config) -> None:
-    """Fail fast, on the driver, on inputs the workers would choke on."""
+    """Fail fast, on the driver, on what the field declarations cannot check: combinations of
+    fields, and the dataset itself (decoded and cached here, once)."""
     parse_aug_names(cfg.aug)
-    for field in ("epochs", "batch_size", "num_workers", "cpus_per_worker"):
-        if getattr(cfg, field) < 1:
-            raise UserError(f"--{field.replace('_', '-')} must be at least 1")
-    if cfg.lr <= 0:
-        raise UserError("--lr must be positive")
-    if cfg.placement_strategy not in PLACEMENT_STRATEGIES:
-        raise UserError(f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}")
-    if cfg.time_budget is not None and cfg.time_budget <= 0:
-        raise UserError("--time-budget must be positive (seconds)")
-    if cfg.eval_every < 0:
-        raise UserError("--eval-every must be 0 or more")
-    if cfg.arch not in MODELS:
-        raise UserError(f"unknown --arch {cfg.arch}; choose from {', '.join(MODELS)}")
     if cfg.whiten and not cfg.arch.startswith("fast_cifar_net"):
         raise UserError(f"--whiten needs a fast_cifar_net* model, not {cfg.arch} (pass --no-whiten)")
     if cfg.batch_size < cfg.num_workers:
         raise UserError(f"--batch-size {cfg.batch_size} is smaller than --num-workers {cfg.num_workers}")
-    # load (and cache) the data on the driver: a bad dataset fails here with one line
     data = load_image_data(cfg.data, cfg.data_root, cfg.image_size)
     if len(data.train_x) < cfg.num_workers or len(data.test_x) < 1:
         raise UserError(f"dataset {cfg.data} is too small ({len(data.train_x)} train, {len(data.test_x)} test images)")
 
 
 def main(argv=None) -> int:
-    summary, out = engine.run_job_cli("jobs.augment", Config, parse_args(argv), validate)
+    args = parse_args(argv)
+    cfg = load_config(Config, args, args.config)
+    validate(cfg)
+    from jobs.driver import run_job
+
+    summary, out = run_job("jobs.augment", cfg, args.address)
     print(f"done: test acc {summary['test_acc']:.3f} after {summary['epochs']} epochs "
           f"({summary['steps']} steps, {summary['train_time_s']:.0f} s of training); "
           f"results in {out}/ (result.json, curves.png, model/, checkpoints)")

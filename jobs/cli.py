@@ -1,4 +1,4 @@
-"""Shared command-line plumbing: one-line errors, run-flag parsing, local Ray start-up.
+"""Shared command-line plumbing: one-line errors and local Ray start-up (config flags: jobs/config.py).
 
 Every entrypoint wraps its `main` with `run_cli`, so that a user mistake
 (`UserError`) prints one line and exits 2, Ctrl-C exits 130, and only a real bug
@@ -6,9 +6,6 @@ shows a traceback.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import os
 import sys
 from typing import Any, Callable
@@ -29,34 +26,6 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(rc or 0)
-
-
-def config_from_args(cls, args: argparse.Namespace, config_file: str | None = None):
-    """Build dataclass `cls` from a JSON file (optional) overridden by the flags the user gave.
-
-    Flags left at `None` (argparse default) do not override; dataclass defaults fill the rest.
-    The JSON file may be a plain dict of fields or a `best.json`/`result.json` holding `config`.
-    """
-    names = {f.name for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    if config_file:
-        try:
-            with open(config_file) as f:
-                loaded = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read config file {config_file}: {e}") from None
-        if isinstance(loaded, dict) and isinstance(loaded.get("config"), dict):
-            loaded = loaded["config"]
-        if not isinstance(loaded, dict):
-            raise UserError(f"config file {config_file} must hold a JSON object")
-        unknown = sorted(set(loaded) - names)
-        if unknown:
-            raise UserError(f"config file {config_file}: unknown field(s) {', '.join(unknown)}")
-        values.update(loaded)
-    for name, value in vars(args).items():
-        if name in names and value is not None:
-            values[name] = value
-    return cls(**values)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> None:

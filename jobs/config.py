@@ -117,8 +117,9 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, 
         default = meta["default_text"] if meta["default_text"] is not None else _format(_default_of(f))
         text = meta["help"] + (f" (default: {default})" if default not in ("", None) else "")
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": text}
-        if meta["metavar"]:
-            kwargs["metavar"] = meta["metavar"]
+        kwargs["metavar"] = meta["metavar"] or {int: "N", float: "X"}.get(base)
+        if kwargs["metavar"] is None or meta["choices"] is not None:
+            del kwargs["metavar"]
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -194,38 +195,41 @@ def _type_ok(value: Any, base: type) -> bool:
     return True
 
 
-def check_types(cls, values: dict[str, Any]) -> None:
+def check_types(cls, values: dict[str, Any], names: str = "flags") -> None:
     """Refuse values of the wrong type (from a config file or a dict) before the dataclass sees them."""
     types = {f.name: (f, tp) for f, tp in _declared(cls)}
     for name, value in values.items():
         f, tp = types[name]
+        label = flag_name(f) if names == "flags" else f.name
         base, is_list = _base_type(tp)
         if value is None:
             continue
         items = value if is_list and isinstance(value, (list, tuple)) else [value]
         if is_list and not isinstance(value, (list, tuple)):
-            raise UserError(f"{flag_name(f)} must be a list of {base.__name__}, got {value!r}")
+            raise UserError(f"{label} must be a list of {base.__name__}, got {value!r}")
         for item in items:
             if not _type_ok(item, base):
-                raise UserError(f"{flag_name(f)} must be {base.__name__}, got {item!r}")
+                raise UserError(f"{label} must be {base.__name__}, got {item!r}")
 
 
-def check_options(cfg):
-    """Check every declared field's type, choices and range; raise `UserError` naming the flag; return cfg."""
-    check_types(type(cfg), {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+def check_options(cfg, names: str = "flags"):
+    """Check every declared field's type, choices and range; raise `UserError` naming the flag
+    (names="flags", for a command line) or the field (names="fields", for a JSON API); return cfg."""
+    check_types(type(cfg), {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, names)
     for f, tp in _declared(type(cfg)):
         meta, value = f.metadata, getattr(cfg, f.name)
         if not meta or value is None:
             continue
+        label = flag_name(f) if names == "flags" else f.name
         for item in (value if isinstance(value, (list, tuple)) else [value]):
             if isinstance(item, float) and not math.isfinite(item):
-                raise UserError(f"{flag_name(f)} must be a finite number, got {item}")
+                raise UserError(f"{label} must be a finite number, got {item}")
             if meta["choices"] is not None and item not in meta["choices"]:
-                raise UserError(f"{flag_name(f)} must be one of {', '.join(map(str, meta['choices']))}, got {item!r}")
+                raise UserError(f"{label} must be one of {', '.join(map(str, meta['choices']))}, got {item!r}")
             if meta["min"] is not None and item < meta["min"]:
-                raise UserError(f"{flag_name(f)} must be at least {meta['min']:g}, got {item}")
+                raise UserError(f"{label} must be at least {meta['min']:g}, got {item}")
             if meta["max"] is not None and item > meta["max"]:
-                raise UserError(f"{flag_name(f)} must be at most {meta['max']:g}, got {item}")
+                raise UserError(f"{label} must be at most {meta['max']:g}, got {item}")
             if meta["above"] is not None and not item > meta["above"]:
-                raise UserError(f"{flag_name(f)} must be greater than {meta['above']:g}, got {item}")
+                raise UserError(f"{label} must be greater than {meta['above']:g}, got {item}")
     return cfg

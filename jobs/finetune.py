@@ -20,6 +20,7 @@ from torch import nn
 
 from jobs import engine
 from jobs.cli import UserError, run_cli
+from jobs.config import RunOptions, build_parser, load_config, option
 from jobs.data import DOWNLOADS, RankShards, load_image_data
 from jobs.models import HEADS, build_model
 from jobs.presets import Preset, scaled_resize
@@ -30,28 +31,30 @@ DEFAULT_LR = {"finetune": 0.01, "scratch": 0.1}
 
 
 @dataclass
-class Config:
+class Config(RunOptions):
     """The fine-tuning job; defaults are the reference recipe (SPEC section 2)."""
 
-    data: str = "hotdog"           # hotdog (downloads) | ImageFolder dir or .zip with train/ and test/
-    data_root: str = "data"        # downloads and decoded-tensor cache
-    weights: str = "imagenet"      # imagenet | PATH (state dict, checkpoint, run or artifact dir) | none
-    mode: str = "finetune"         # finetune: load weights, new head at lr*head_lr_mult; scratch: random init
-    freeze_backbone: bool = False  # train the head only
-    image_size: int | None = None  # crop size; None: 224 (ImageNet) or the source checkpoint's size
-    min_crop_scale: float = 0.08   # RandomResizedCrop's smallest area fraction (torchvision's default)
-    epochs: int = 5
-    batch_size: int = 128          # global batch, split evenly over the workers
-    lr: float | None = None        # SGD base lr; None: 0.01 (finetune) or 0.1 (scratch)
-    head_lr_mult: float = 10.0     # the new head's lr = lr * head_lr_mult (finetune mode)
-    weight_decay: float = 1e-3
-    momentum: float = 0.0          # the reference uses plain SGD
-    num_workers: int = 2
-    cpus_per_worker: int = 1
-    use_gpu: bool = False
-    storage_path: str = "results"
-    name: str = ""                 # run name; "" -> finetune-<data>-<mode>
-    seed: int = 0
+    data: str = option("hotdog", f"{', '.join(DOWNLOADS)} (downloads, sha1-checked) or an ImageFolder directory/.zip "
+                       "with train/<class>/ and test/<class>/")
+    data_root: str = option("data", "where datasets are downloaded and decoded tensors cached")
+    weights: str = option("imagenet", "imagenet (torchvision, via the torch hub cache), none (random init), or PATH: "
+                          "a state dict, a checkpoint.pt, or a jobs.augment/jobs.finetune run, checkpoint or model/ "
+                          "directory")
+    mode: str = option("finetune", "finetune: load --weights, new head at --head-lr-mult x lr; scratch: the same "
+                       "architecture and preprocessing, random init, one parameter group",
+                       choices=("finetune", "scratch"))
+    freeze_backbone: bool = option(False, "train the new head only")
+    image_size: int | None = option(None, "crop size fed to the model; the resize keeps the 256/224 ratio", min=8,
+                                    default_text="224 for ImageNet weights, else the source checkpoint's")
+    min_crop_scale: float = option(0.08, "smallest area fraction of RandomResizedCrop", above=0, max=1)
+    epochs: int = option(5, "epochs", min=1)
+    batch_size: int = option(128, "global batch size, split over workers", min=1)
+    lr: float | None = option(None, "SGD base learning rate", above=0,
+                              default_text=f"{DEFAULT_LR['finetune']} finetune, {DEFAULT_LR['scratch']} scratch")
+    head_lr_mult: float = option(10.0, "the new head's lr multiplier", above=0)
+    weight_decay: float = option(1e-3, "SGD weight decay", min=0)
+    momentum: float = option(0.0, "SGD momentum (the reference uses plain SGD)", min=0, max=1)
+    name: str = option("", "run name; re-running with the same name resumes it", default_text="finetune-<data>-<mode>")
 
     def __post_init__(self):
         if self.lr is None:
@@ -271,57 +274,12 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> eng
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config
-    p.add_argument("--config", help="JSON file of config fields (e.g. a sweep's best.json); flags override it")
-    p.add_argument("--data", help=f"{', '.join(DOWNLOADS)} (downloads, sha1-checked) or an ImageFolder directory/.zip "
-                                  f"with train/<class>/ and test/<class>/ (default {d.data})")
-    p.add_argument("--data-root", help=f"where datasets are downloaded and decoded tensors cached (default {d.data_root})")
-    p.add_argument("--weights", help="imagenet (torchvision, via the torch hub cache), none (random init), or PATH: a "
-                                     "state dict, a checkpoint.pt, or a jobs.augment/jobs.finetune run, checkpoint or "
-                                     f"model/ directory (default {d.weights})")
-    p.add_argument("--mode", choices=["finetune", "scratch"], help="finetune: load --weights, new head at "
-                   "--head-lr-mult x lr; scratch: the same architecture and preprocessing, random init, one "
-                   f"parameter group (default {d.mode})")
-    p.add_argument("--freeze-backbone", action="store_true", default=None, help="train the new head only")
-    p.add_argument("--image-size", type=int, help="crop size fed to the model (default 224 for ImageNet weights, "
-                                                  "else the source checkpoint's); the resize keeps the 256/224 ratio")
-    p.add_argument("--min-crop-scale", type=float, help=f"smallest area fraction of RandomResizedCrop (default {d.min_crop_scale})")
-    p.add_argument("--epochs", type=int, help=f"epochs (default {d.epochs})")
-    p.add_argument("--batch-size", type=int, help=f"global batch size, split over workers (default {d.batch_size})")
-    p.add_argument("--lr", type=float, help=f"SGD base learning rate (default {DEFAULT_LR['finetune']} finetune, "
-                                            f"{DEFAULT_LR['scratch']} scratch)")
-    p.add_argument("--head-lr-mult", type=float, help=f"the new head's lr multiplier (default {d.head_lr_mult})")
-    p.add_argument("--weight-decay", type=float, help=f"SGD weight decay (default {d.weight_decay})")
-    p.add_argument("--momentum", type=float, help=f"SGD momentum (default {d.momentum}, as the reference)")
-    p.add_argument("--num-workers", type=int, help=f"Ray Train workers (DDP ranks) (default {d.num_workers})")
-    p.add_argument("--cpus-per-worker", type=int, help=f"CPUs (and torch threads) per worker (default {d.cpus_per_worker})")
-    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker, AMP and channels_last")
-    p.add_argument("--storage-path", help=f"where runs are stored: <storage-path>/<name>/ (default {d.storage_path})")
-    p.add_argument("--name", help="run name; re-running with the same name resumes it (default finetune-<data>-<mode>)")
-    p.add_argument("--seed", type=int, help=f"seed for the head init, shuffling and augmentation (default {d.seed})")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
-    return p.parse_args(argv)
+    return build_parser(Config, "python -m jobs.finetune", __doc__).parse_args(argv)
 
 
 def validate(cfg: Config) -> Source:
-    """Fail fast, on the driver, on inputs the workers would choke on: flags, weights (fetched and
-    matched against the model), and the dataset (decoded and cached here, once)."""
-    if cfg.mode not in DEFAULT_LR:
-        raise UserError(f"--mode must be finetune or scratch, not {cfg.mode!r}")
-    for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("lr", "head_lr_mult"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
-    if cfg.weight_decay < 0 or cfg.momentum < 0:
-        raise UserError("--weight-decay and --momentum must not be negative")
-    if not 0 < cfg.min_crop_scale <= 1:
-        raise UserError("--min-crop-scale must be in (0, 1]")
-    if cfg.image_size is not None and cfg.image_size < 8:
-        raise UserError("--image-size must be at least 8")
+    """Fail fast, on the driver, on what the field declarations cannot check: combinations of fields,
+    the weights (fetched and matched against the model) and the dataset (decoded and cached here, once)."""
     if cfg.batch_size < cfg.num_workers:
         raise UserError(f"--batch-size {cfg.batch_size} is smaller than --num-workers {cfg.num_workers}")
     if cfg.mode == "finetune" and cfg.weights == "none":
@@ -337,7 +295,12 @@ def validate(cfg: Config) -> Source:
 
 
 def main(argv=None) -> int:
-    summary, out = engine.run_job_cli("jobs.finetune", Config, parse_args(argv), validate)
+    args = parse_args(argv)
+    cfg = load_config(Config, args, args.config)
+    validate(cfg)
+    from jobs.driver import run_job
+
+    summary, out = run_job("jobs.finetune", cfg, args.address)
     print(f"done: test acc {summary['test_acc']:.3f} after {summary['epochs']} epochs; "
           f"results in {out}/ (result.json, curves.png, model/, checkpoints)")
     return 0

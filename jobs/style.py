@@ -7,12 +7,12 @@ Plain PyTorch, no Ray. The CLI and the Ray batch job live in `jobs/style_cli.py`
     image, history = stylize(content_img, style_img, cfg, extractor=extractor)
     distances(image, content_img, style_img, extractor, size=cfg.size)   # unweighted, for sweeps
 
-Sections: configuration, input images, VGG features, losses, optimisation.
+Sections: configuration, input images, VGG features, losses, optimisation. Decoding images with
+their limits is `jobs.images`'s job; the precision rule is `jobs.precision`'s (workload "gatys").
 """
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import os
 import time
@@ -27,7 +27,9 @@ from PIL import Image
 from torch import nn
 
 from jobs.cli import UserError
-from jobs.presets import IMAGENET_MEAN, IMAGENET_STD  # one copy of the statistics project-wide
+from jobs.config import check_options, option
+from jobs.images import IMAGENET_MEAN, IMAGENET_STD, load_image
+from jobs.precision import autocast_dtype, dtype_name
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -35,61 +37,63 @@ VGG19_NUM_LAYERS = 37  # len(torchvision.models.vgg19().features)
 
 
 @dataclass
-class StyleConfig:
-    """One style-transfer run. Defaults are the reference recipe (SPEC.md section 3)."""
+class StyleLosses:
+    """The perceptual objective (SPEC section 3): which VGG-19 layers, how each loss is weighted, which
+    weights. Shared by per-image optimisation (`StyleConfig`) and feed-forward training (jobs.fast_style)."""
 
-    content_layers: list[int] = field(default_factory=lambda: [25])  # conv4_4
-    style_layers: list[int] = field(default_factory=lambda: [0, 5, 10, 19, 28])  # convN_1
-    content_weight: float = 1.0
-    style_weight: float = 1e3
-    tv_weight: float = 10.0
-    size: list[int] = field(default_factory=lambda: [300, 450])  # (H, W) of the final scale
-    scales: list[float] = field(default_factory=lambda: [1.0])  # coarse-to-fine, e.g. [0.5, 1.0]
-    steps: int = 500  # per scale: Adam steps, or L-BFGS loss evaluations (at most)
-    optimizer: str = "adam"  # adam | lbfgs
-    lr: float = 0.3  # Adam only
-    lr_decay_steps: int = 50  # StepLR step_size (Adam)
-    lr_gamma: float = 0.8
-    lbfgs_lr: float = 1.0  # L-BFGS scales its own steps by its curvature estimate
-    lbfgs_history: int = 100
-    init: str = "content"  # content | noise
-    seed: int = 0  # noise init and `weights="random"`
-    weights: str = "imagenet"  # imagenet | random | PATH to a state dict
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    channels_last: bool = True  # faster oneDNN/cuDNN convolutions, same math
-    precision: str = "auto"  # auto | fp32 | bf16 (VGG under bf16 autocast; losses in fp32): see resolve_precision
-    max_pixels: int = 40_000_000  # input images and working size above this are refused
+    content_layers: list[int] = option([25], "VGG-19 features indices of the content loss (conv4_4)")
+    style_layers: list[int] = option([0, 5, 10, 19, 28], "VGG-19 features indices of the style loss (convN_1)")
+    content_weight: float = option(1.0, "content loss weight", min=0)
+    style_weight: float = option(1e3, "style loss weight", min=0)
+    tv_weight: float = option(10.0, "total-variation loss weight", min=0)
+    weights: str = option("imagenet", "VGG-19 weights: imagenet (torch hub cache), random (tests and offline demos "
+                          "only) or a state-dict PATH")
 
     def __post_init__(self):
-        self.size = [int(v) for v in self.size]
-        self.scales = [float(s) for s in self.scales]
         self.content_layers = [int(i) for i in self.content_layers]
         self.style_layers = [int(i) for i in self.style_layers]
 
+
+@dataclass
+class StyleConfig(StyleLosses):
+    """One style-transfer run. Defaults are the reference recipe (SPEC.md section 3)."""
+
+    size: list[int] = option([300, 450], "working size H W of the last scale", min=1, metavar="N")
+    scales: list[float] = option([1.0], "coarse-to-fine fractions of --size, e.g. 0.5 1", above=0, max=1)
+    steps: int = option(500, "per scale: Adam steps, or L-BFGS loss evaluations (at most)", min=0)
+    optimizer: str = option("adam", "adam (+StepLR) or lbfgs", choices=("adam", "lbfgs"))
+    lr: float = option(0.3, "Adam learning rate", min=0)
+    lr_decay_steps: int = option(50, "StepLR step size (Adam)", min=1)
+    lr_gamma: float = option(0.8, "StepLR factor (Adam)", above=0, max=1)
+    lbfgs_lr: float = option(1.0, "L-BFGS step scale (it scales its steps by its curvature estimate)", above=0)
+    lbfgs_history: int = option(100, "L-BFGS history size", min=1, max=1000)
+    init: str = option("content", "start image", choices=("content", "noise"))
+    seed: int = option(0, "seed for noise init and random weights", min=0, max=2**63 - 1)
+    device: str = option("cpu", "cpu, cuda, cuda:N or auto (single mode)")
+    channels_last: bool = option(True, "channels_last VGG (same math, faster convolutions)")
+    precision: str = option("auto", "VGG arithmetic (losses are fp32): auto = bf16 where it is native (a CPU with "
+                            "AVX-512 BF16 or AMX, a GPU with bf16), else fp32", choices=("auto", "fp32", "bf16"))
+    max_pixels: int = option(40_000_000, "refuse input images and working sizes with more pixels", min=1)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.size = [int(v) for v in self.size]
+        self.scales = [float(s) for s in self.scales]
+
     def validate(self) -> "StyleConfig":
-        """Raise `UserError` (one line) for any value a run cannot use; return self."""
-        if len(self.size) != 2 or min(self.size) <= 0:
+        """Raise `UserError` (one line) for any value a run cannot use; return self. Types and ranges
+        come from the field declarations; the rest relate fields to each other."""
+        check_options(self, names="fields")
+        if len(self.size) != 2:
             raise UserError(f"size must be two positive numbers H W, got {self.size}")
         if self.size[0] * self.size[1] > self.max_pixels:
             raise UserError(f"size {self.size[0]}x{self.size[1]} is over the pixel limit {self.max_pixels}")
-        if not self.scales or any(not (0 < s <= 1) for s in self.scales):
+        if not self.scales:
             raise UserError(f"scales must be fractions in (0, 1], got {self.scales}")
         if any(min(round(h * s) for h in self.size) < 1 for s in self.scales):
             raise UserError(f"scales {self.scales} make the image smaller than one pixel at size {self.size}")
         check_layers(self.content_layers, "content")
         check_layers(self.style_layers, "style")
-        if self.optimizer not in ("adam", "lbfgs"):
-            raise UserError(f"optimizer must be adam or lbfgs, got {self.optimizer!r}")
-        if self.init not in ("content", "noise"):
-            raise UserError(f"init must be content or noise, got {self.init!r}")
-        if self.precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.steps < 0:
-            raise UserError(f"steps must be >= 0, got {self.steps}")
-        for name in ("content_weight", "style_weight", "tv_weight", "lr", "lbfgs_lr"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise UserError(f"{name} must be a finite number >= 0, got {v}")
         return self
 
 
@@ -100,23 +104,6 @@ def check_layers(layers: Sequence[int], what: str = "feature") -> None:
     bad = [i for i in layers if not 0 <= i < VGG19_NUM_LAYERS]
     if bad:
         raise UserError(f"unknown {what} layer index {bad[0]}: VGG-19 features has layers 0..{VGG19_NUM_LAYERS - 1}")
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """"auto" -> "bf16" where bfloat16 is native (a CPU with AVX-512 BF16 or AMX, a CUDA GPU that
-    supports it), else "fp32"; "fp32" and "bf16" stay. At 300x450 on a 2-core AVX-512 BF16 CPU a bf16
-    step takes half the fp32 one and the first steps' losses stay within 1% of fp32's (BENCHMARKS.md)."""
-    if precision != "auto":
-        return precision
-    device = torch.device(device)
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    from jobs.artifact import native_bf16_cpu
-
-    return "bf16" if device.type == "cpu" and native_bf16_cpu() else "fp32"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -133,46 +120,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ----------------------------------------------------------------------------- input images
-
-
-class ImageInputError(UserError):
-    """An input image that cannot be used (missing, not an image, empty, too many pixels).
-
-    A `UserError`, so the CLI prints one line; an HTTP front end answers it with a 4xx.
-    """
-
-
-def load_image(source, max_pixels: int = StyleConfig.max_pixels, name: str = "image") -> Image.Image:
-    """Open a path, bytes or PIL image as RGB, refusing bad input before decoding it.
-
-    The pixel count is read from the header, so a decompression bomb (a small file that
-    decodes to gigapixels) is refused without allocating its pixels.
-    """
-    if isinstance(source, Image.Image):
-        img = source
-    else:
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            fp, label = io.BytesIO(bytes(source)), name
-        else:
-            path = os.fspath(source)
-            if not os.path.isfile(path):
-                raise ImageInputError(f"{name} not found: {path}")
-            fp, label = path, f"{name} {path}"
-        try:
-            img = Image.open(fp)
-        except Image.DecompressionBombError:
-            raise ImageInputError(f"{label} has too many pixels (decompression bomb?)") from None
-        except (Image.UnidentifiedImageError, OSError, ValueError) as e:
-            raise ImageInputError(f"{label} is not a readable image ({type(e).__name__})") from None
-    w, h = img.size
-    if w <= 0 or h <= 0:
-        raise ImageInputError(f"{name} has zero size ({w}x{h})")
-    if w * h > max_pixels:
-        raise ImageInputError(f"{name} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
-    try:
-        return img.convert("RGB")  # decodes; a truncated file fails here
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageInputError(f"{name} cannot be decoded ({type(e).__name__}: {e})") from None
 
 
 def preprocess(img: Image.Image, size: Sequence[int]) -> torch.Tensor:
@@ -194,6 +141,10 @@ def postprocess(x: torch.Tensor) -> Image.Image:
 
 
 # ----------------------------------------------------------------------------- VGG features
+
+
+RANDOM_WEIGHTS_WARNING = ("WARNING: --weights random: VGG-19 has RANDOM weights, so its losses measure no real "
+                          "style: the result is NOT a real style transfer. Use it only for tests and offline demos.")
 
 
 def load_vgg(weights: str = "imagenet", seed: int = 0) -> nn.Sequential:
@@ -360,12 +311,12 @@ class Targets:
 
 
 def _features(extractor: VGGFeatures, x: torch.Tensor, layers: Sequence[int], precision: str) -> dict[int, torch.Tensor]:
-    """Run the extractor; under bf16 (see resolve_precision) the VGG runs under bf16 autocast and the
-    maps come back in bf16: the losses take them as they are (gram, content_loss) and return fp32."""
-    if resolve_precision(precision, x.device) == "bf16":
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            return extractor(x, layers)
-    return extractor(x, layers)
+    """Run the extractor; where `precision` resolves to bf16 (jobs.precision, workload "gatys") the VGG
+    runs under bf16 autocast and the maps come back in bf16: the losses take them as they are (gram,
+    content_loss) and return fp32."""
+    dtype = autocast_dtype(precision, x.device, "gatys")
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        return extractor(x, layers)
 
 
 def run_layers(cfg: StyleConfig) -> list[int]:
@@ -474,7 +425,7 @@ def stylize(content_img, style_img, cfg: StyleConfig | None = None, extractor: V
     style = load_image(style_img, cfg.max_pixels, "style image")
     extractor = extractor if extractor is not None else build_extractor(cfg)
     dev = next(extractor.parameters()).device
-    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, dev))
+    cfg = dataclasses.replace(cfg, precision=dtype_name(autocast_dtype(cfg.precision, dev, "gatys")))
     history: list[dict] = []
     x = None
     for k, s in enumerate(cfg.scales):

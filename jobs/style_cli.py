@@ -17,47 +17,26 @@ import sys
 import time
 from pathlib import Path
 
-from jobs.cli import UserError, config_from_args, init_ray
-from jobs.style import (StyleConfig, cached_extractor, config_dict, load_image, resolve_device, resolve_precision,
-                        stylize)
-
-RANDOM_WEIGHTS_WARNING = ("WARNING: --weights random: VGG-19 has RANDOM weights. The output is NOT a real "
-                          "style transfer; use it only for tests and offline demos.")
+from jobs.cli import UserError, init_ray
+from jobs.config import add_options, load_config
+from jobs.images import contact_sheet, load_image
+from jobs.precision import autocast_dtype, dtype_name
+from jobs.style import RANDOM_WEIGHTS_WARNING, StyleConfig, cached_extractor, config_dict, resolve_device, stylize
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.style", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m jobs.style", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--content", nargs="+", required=True, help="content image(s)")
     p.add_argument("--style", nargs="+", required=True, help="style image(s)")
     p.add_argument("--out", help="single mode: output PNG (one content and one style)")
     p.add_argument("--out-dir", help="batch mode: directory for every content x style pair, run on Ray")
-    p.add_argument("--config", help="JSON file with StyleConfig fields (flags override it)")
-    p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="working size of the last scale [300 450]")
-    p.add_argument("--steps", type=int, help="optimisation steps per scale [500]")
-    p.add_argument("--optimizer", choices=["adam", "lbfgs"], help="adam (+StepLR) or lbfgs [adam]")
-    p.add_argument("--lr", type=float, help="Adam learning rate [0.3]")
-    p.add_argument("--lr-decay-steps", type=int, help="StepLR step size [50]")
-    p.add_argument("--lr-gamma", type=float, help="StepLR factor [0.8]")
-    p.add_argument("--scales", nargs="+", type=float, help="coarse-to-fine fractions of --size, e.g. 0.5 1 [1]")
-    p.add_argument("--content-weight", type=float, help="content loss weight [1]")
-    p.add_argument("--style-weight", type=float, help="style loss weight [1e3]")
-    p.add_argument("--tv-weight", type=float, help="total-variation loss weight [10]")
-    p.add_argument("--content-layers", nargs="+", type=int, help="VGG-19 features indices [25]")
-    p.add_argument("--style-layers", nargs="+", type=int, help="VGG-19 features indices [0 5 10 19 28]")
-    p.add_argument("--init", choices=["content", "noise"], help="start image [content]")
-    p.add_argument("--seed", type=int, help="seed for noise init and random weights [0]")
-    p.add_argument("--weights", help="imagenet (torch hub cache), random (tests/demos only) or a state-dict PATH [imagenet]")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (single mode) [cpu]")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                   help="VGG arithmetic (losses are fp32): auto = bf16 where it is native (a CPU with AVX-512 BF16 "
-                        "or AMX, a GPU with bf16), else fp32 [auto]")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last VGG (same math, faster convolutions) [on]")
-    p.add_argument("--max-pixels", type=int, help="refuse input images / sizes with more pixels [40000000]")
-    p.add_argument("--address", help="batch mode: Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--use-gpu", action="store_true", help="batch mode: one GPU per pair")
-    p.add_argument("--num-cpus", type=int, help="batch mode: CPUs of the embedded local Ray (default: all)")
+    p.add_argument("--config", metavar="FILE.json", help="JSON file with StyleConfig fields (flags override it)")
+    add_options(p.add_argument_group("the style transfer (StyleConfig)"), StyleConfig)
+    g = p.add_argument_group("batch mode on Ray")
+    g.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    g.add_argument("--use-gpu", action="store_true", help="one GPU per pair")
+    g.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray (default: all)")
     return p
 
 
@@ -113,7 +92,8 @@ def run_single(cfg: StyleConfig, content: str, style: str, out: str) -> dict:
     image.save(out)
     stem = out[:-4]
     plot_losses(history, stem + "-losses.png")
-    result = {"config": config_dict(cfg), "precision": resolve_precision(cfg.precision, resolve_device(cfg.device)),
+    precision = dtype_name(autocast_dtype(cfg.precision, resolve_device(cfg.device), "gatys"))
+    result = {"config": config_dict(cfg), "precision": precision,
               "content": content, "style": style, "output": out,
               "seconds": seconds, "final": history[-1] if history else None, "history": history}
     if cfg.weights == "random":
@@ -134,28 +114,6 @@ def stylize_pair(content_bytes: bytes, style_bytes: bytes, cfg_dict: dict) -> tu
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue(), history, time.perf_counter() - t0
-
-
-def contact_sheet(contents: list, styles: list, results: dict, cell: int = 160):
-    """Grid image: style thumbnails across the top, content thumbnails down the left, results inside.
-
-    `contents`/`styles` are PIL images; `results[(i, j)]` the result for content i, style j.
-    """
-    from PIL import Image
-
-    def thumb(img):
-        t = img.copy()
-        t.thumbnail((cell, cell))
-        return t
-
-    sheet = Image.new("RGB", ((len(styles) + 1) * cell, (len(contents) + 1) * cell), "white")
-    for j, s in enumerate(styles):
-        sheet.paste(thumb(s), ((j + 1) * cell, 0))
-    for i, c in enumerate(contents):
-        sheet.paste(thumb(c), (0, (i + 1) * cell))
-        for j in range(len(styles)):
-            sheet.paste(thumb(results[(i, j)]), ((j + 1) * cell, (i + 1) * cell))
-    return sheet
 
 
 def run_batch(cfg: StyleConfig, contents: list[str], styles: list[str], out_dir: str, use_gpu: bool = False,
@@ -192,7 +150,10 @@ def run_batch(cfg: StyleConfig, contents: list[str], styles: list[str], out_dir:
                       "final": history[-1] if history else None, "history": history})
         print(f"[{len(results)}/{len(refs)}] {name} ({seconds:.1f}s, total loss "
               f"{history[-1]['total'] if history else float('nan'):.4g})", flush=True)
-    contact_sheet(content_imgs, style_imgs, results).save(os.path.join(out_dir, "contact_sheet.png"))
+    # styles across the top, contents down the left, each result where its row and column meet
+    tiles = [None, *style_imgs] + [t for i, c in enumerate(content_imgs)
+                                   for t in (c, *(results[(i, j)] for j in range(len(styles))))]
+    contact_sheet(tiles, cols=len(styles) + 1).save(os.path.join(out_dir, "contact_sheet.png"))
     result = {"config": cfg_dict, "use_gpu": use_gpu, "seconds": time.perf_counter() - t0,
               "pairs": sorted(pairs, key=lambda r: r["output"])}
     if cfg.weights == "random":
@@ -213,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("give exactly one of --out (single pair) or --out-dir (batch on Ray)")
     if args.out and (len(args.content) != 1 or len(args.style) != 1):
         raise UserError("--out takes one --content and one --style; use --out-dir for several")
-    cfg = config_from_args(StyleConfig, args, args.config).validate()
+    cfg = load_config(StyleConfig, args, args.config).validate()
     print("config:", json.dumps(config_dict(cfg)))
     if cfg.weights == "random":
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)

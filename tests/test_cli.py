@@ -44,3 +44,26 @@ def test_preview_writes_grid(tmp_path):
     assert Image.open(out).size[0] > Image.open(out).size[1]  # 2 rows x 4 columns
     r = run("jobs.preview", "--image", str(tmp_path / "missing.png"), "--out", str(out))
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("module,config", [("jobs.augment", "jobs.augment:Config"),
+                                           ("jobs.finetune", "jobs.finetune:Config"),
+                                           ("jobs.fast_style", "jobs.fast_style:Config"),
+                                           ("jobs.style", "jobs.style:StyleConfig"),
+                                           ("serve", "serve.config:ServeConfig")])
+def test_help_documents_every_config_field(module, config):
+    """Each config field is declared once (jobs/config.py) and becomes a documented flag."""
+    import dataclasses
+    import importlib
+
+    mod, cls = config.split(":")
+    fields = dataclasses.fields(getattr(importlib.import_module(mod), cls))
+    r = run(module, "--help")
+    assert r.returncode == 0, r.stderr
+    flat = " ".join(r.stdout.split())
+    for f in fields:
+        if not f.metadata.get("cli", True):
+            continue
+        flag = "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
+        assert flag in flat, f"{module} --help lacks {flag}"
+        assert f.metadata.get("help") and " ".join(f.metadata["help"].split()) in flat, f"{flag} has no help text"

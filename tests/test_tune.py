@@ -8,7 +8,8 @@ import pytest
 import ray
 
 from jobs import augment
-from jobs.cli import UserError, config_from_args
+from jobs.cli import UserError
+from jobs.config import load_config
 from tune import lr
 from tune.sweep import pareto_front
 
@@ -59,7 +60,7 @@ def test_asha_sweep_writes_table_best_and_plot(local_ray, tmp_path, capsys):
 
     # best.json round-trips into the job CLI: the same config, flags still override it
     args = augment.parse_args(["--config", str(out / "best.json"), "--epochs", "1"])
-    cfg = config_from_args(augment.Config, args, args.config)
+    cfg = load_config(augment.Config, args, args.config)
     assert cfg.lr == best["config"]["lr"] and cfg.epochs == 1 and cfg.data == "synthetic:64"
     assert cfg.name == "asha-best" and cfg.num_workers == 1
     augment.validate(cfg)
@@ -173,7 +174,7 @@ def test_two_worker_finetune_sweep_samples_lr_head_multiplier_and_weight_decay(l
         assert 1e-5 <= float(r["lr"]) <= 1e-1 and 1 <= float(r["head_lr_mult"]) <= 100
         assert 1e-4 <= float(r["weight_decay"]) <= 1e-3
     args = finetune.parse_args(["--config", str(tmp_path / "ft" / "best.json")])
-    cfg = config_from_args(finetune.Config, args, args.config)
+    cfg = load_config(finetune.Config, args, args.config)
     assert cfg.weight_decay == pytest.approx(float(rows[0]["weight_decay"])) and cfg.num_workers == 2
     best = json.loads((tmp_path / "ft" / "best.json").read_text())
     assert best["checkpoint"].startswith(str(tmp_path / "ft" / "trials" / best["trial_id"]))  # the trial's Train run

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs import engine
-from jobs.cli import UserError, config_from_args, init_ray, run_cli
+from jobs.cli import UserError, init_ray, run_cli
+from jobs.config import load_config
 from jobs.paths import absolute as absolute_if_local, is_uri
 from tune.sweep import (OutputDir, check_restore, format_table, read_sweep_file, sweep_path, trial_concurrency,
                         tune_storage, write_csv)
@@ -110,11 +111,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Any, Any]:
         print(f"\njob flags (python -m jobs.{args.job}), applied to every trial:")
         job.parse_args(["--help"])
     job_args = job.parse_args(rest)  # an unknown flag: argparse's one-line error, exit 2
-    try:
-        base = config_from_args(job.Config, job_args, job_args.config)
-    except TypeError as e:
-        raise UserError(f"bad config: {e}") from None
-    return args, job, base
+    return args, job, load_config(job.Config, job_args, job_args.config)
 
 
 def search_space(args, job_name: str) -> dict[str, Any]:

@@ -22,9 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs.cli import UserError, config_from_args, init_ray, run_cli
-from jobs.style import StyleConfig, cached_extractor, distances, load_image, stylize
-from jobs.style_cli import RANDOM_WEIGHTS_WARNING, build_parser as style_parser
+from jobs.cli import UserError, init_ray, run_cli
+from jobs.config import load_config
+from jobs.images import contact_sheet, load_image
+from jobs.style import RANDOM_WEIGHTS_WARNING, StyleConfig, cached_extractor, distances, stylize
+from jobs.style_cli import build_parser as style_parser
 from tune.sweep import (OutputDir, check_restore, format_table, pareto_front, read_sweep_file, sweep_path,
                         trial_concurrency, tune_storage, write_csv)
 
@@ -129,30 +131,16 @@ def weights_label(row: dict[str, Any]) -> str:
     return f"c {row['content_weight']:.3g}  s {row['style_weight']:.3g}  tv {row['tv_weight']:.3g}"
 
 
-def contact_sheet(content, style, rows: list[dict[str, Any]], images: dict[str, Any], cell: int = 180):
+def results_sheet(content, style, rows: list[dict[str, Any]], images: dict[str, Any]):
     """The inputs, then every result, each with its weights and distances underneath; results on
     the Pareto front get a red frame and a star. Returns a PIL image."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    tiles = [(content, "content image", "", False), (style, "style image", "", False)]
-    tiles += [(images[r["trial_id"]], weights_label(r),
-               f"{'* ' if r['pareto'] else ''}dc {r['content_distance']:.3g}  ds {r['style_distance']:.3g}", r["pareto"])
-              for r in rows if r["trial_id"] in images]
+    shown = [r for r in rows if r["trial_id"] in images]
+    tiles = [content, style, *(images[r["trial_id"]] for r in shown)]
+    captions = [("content image", ""), ("style image", "")] + [
+        (weights_label(r), f"{'* ' if r['pareto'] else ''}dc {r['content_distance']:.3g}  ds {r['style_distance']:.3g}")
+        for r in shown]
     cols = min(len(tiles), max(3, math.ceil(math.sqrt(len(tiles)))))
-    text_h, pad = 30, 4
-    sheet = Image.new("RGB", (cols * cell, math.ceil(len(tiles) / cols) * (cell + text_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for n, (img, line1, line2, front) in enumerate(tiles):
-        x, y = (n % cols) * cell, (n // cols) * (cell + text_h)
-        scale = (cell - 2 * pad) / max(img.width, img.height)  # up or down: tiny test images stay visible
-        thumb = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
-        sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
-        if front:
-            draw.rectangle([x + 1, y + 1, x + cell - 2, y + cell - 2], outline="red", width=3)
-        draw.text((x + pad, y + cell), line1, fill="black", font=font)
-        draw.text((x + pad, y + cell + 14), line2, fill="red" if front else "black", font=font)
-    return sheet
+    return contact_sheet(tiles, cols, cell=180, captions=captions, marked=[False, False, *(r["pareto"] for r in shown)])
 
 
 def plot_front(rows: list[dict[str, Any]], path: Path) -> None:
@@ -216,7 +204,7 @@ def summarize(results, saved: dict[str, Any], out: OutputDir) -> list[dict[str, 
     write_csv(rows, out / "results.csv")
     content = load_image(saved["content_path"], name="content image")
     style = load_image(saved["style_path"], name="style image")
-    contact_sheet(content, style, rows, images).save(out / "contact_sheet.png")
+    results_sheet(content, style, rows, images).save(out / "contact_sheet.png")
     plot_front(rows, out / "pareto.png")
     return rows
 
@@ -231,7 +219,7 @@ def main(argv=None) -> int:
     else:
         if len(job.content) != 1 or len(job.style) != 1:
             raise UserError("a weight sweep takes one --content and one --style image")
-        cfg = config_from_args(StyleConfig, job, job.config)
+        cfg = load_config(StyleConfig, job, job.config)
         cfg.device = "cuda" if job.use_gpu else "cpu"  # each trial gets one GPU with --use-gpu
         cfg.validate()
         space, num_samples = search_space(args)
