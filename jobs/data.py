@@ -1,4 +1,5 @@
-"""Datasets as uint8 tensors: CIFAR-10, any ImageFolder tree (directory or .zip), and `synthetic`.
+"""Datasets as uint8 tensors: CIFAR-10, any ImageFolder tree (directory or .zip), `synthetic`, and
+unlabelled content images for style training (a flat folder or .zip, e.g. COCO).
 
 Small images are decoded once into `ImageData` (uint8, (N, 3, H, W)) and cached on disk, so an
 epoch is tensor indexing, not JPEG decoding. Sharding and per-epoch shuffling for DDP happen here too,
@@ -7,7 +8,6 @@ on index tensors, so every rank sees a disjoint slice and the same number of bat
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
 import shutil
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from jobs.cli import UserError
+from jobs.images import decode_pixels
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 # downloadable ImageFolder archives: name -> (url, sha1); extracted once under the data root
@@ -90,6 +91,66 @@ def load_image_data(source: str, root: str | os.PathLike = "data", image_size: i
     return _cached(path, root, image_size, fit, lambda: _load_image_folder(path, image_size, fit))
 
 
+def load_content_images(source: str, root: str | os.PathLike, image_size: int,
+                        limit_train: int | None = None) -> ImageData:
+    """Content images for style training as uint8 (N, 3, S, S) tensors; `test_x` is the validation set.
+
+    cifar10 and synthetic load as in `load_image_data`; ImageFolder trees too, with the shorter side
+    resized to S and a centre crop (Johnson's preprocessing, fit="center"). Any other folder or .zip
+    is a flat collection (COCO): every image, resized and cropped the same way, the last 2% (8..500,
+    at most half) held out for validation, the first `limit_train` of the rest kept; decoded once
+    and cached. Labels are all 0 (one class, "image").
+    """
+    if source in ("cifar10", "synthetic") or source.startswith("synthetic:"):
+        return load_image_data(source, root, image_size)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"content images not found: {source} (a folder or .zip of images, cifar10 or synthetic)")
+    names, read, close = _list_images(path)
+    try:
+        if _is_image_folder(names):
+            return load_image_data(str(path), root, image_size, fit="center")
+        if not names:
+            raise UserError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        n_val = min(max(8, len(names) // 50), 500, len(names) // 2)
+        train_names, val_names = names[:-n_val] or names, names[-n_val:]
+        train_names = train_names[:limit_train] if limit_train else train_names
+
+        def build() -> ImageData:
+            tx, vx = (torch.from_numpy(np.stack([decode_pixels(read(n), n, image_size, "center") for n in split]))
+                      .permute(0, 3, 1, 2).contiguous() for split in (train_names, val_names))
+            return ImageData(tx, torch.zeros(len(tx), dtype=torch.long), vx, torch.zeros(len(vx), dtype=torch.long),
+                             ["image"])
+
+        # the flat layout and the training limit go into the cache key's `fit` string, so these
+        # tensors never collide with an ImageFolder cache of the same file
+        return _cached(path, Path(root), image_size, f"center-flat-{limit_train}", build)
+    finally:
+        close()
+
+
+def _list_images(path: Path):
+    """(sorted image names, read(name) -> bytes, close()) for a directory or a .zip; macOS's
+    __MACOSX/ metadata folders are left out."""
+    if path.is_dir():
+        names = [str(p.relative_to(path)).replace(os.sep, "/") for p in path.rglob("*") if p.is_file()]
+        read, close = (lambda n: (path / n).read_bytes()), (lambda: None)
+    elif zipfile.is_zipfile(path):
+        zf = zipfile.ZipFile(path)
+        names, read, close = zf.namelist(), zf.read, zf.close
+    else:
+        raise UserError(f"{path} is neither a directory nor a .zip archive")
+    names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and "/__MACOSX/" not in f"/{n}")
+    return names, read, close
+
+
+def _is_image_folder(names: list[str]) -> bool:
+    """True for an ImageFolder layout: images under .../train/<class>/ and .../test/<class>/."""
+    def has(split):
+        return any(f"/{split}/" in f"/{n}" and len(n.split(f"{split}/", 1)[1].split("/")) == 2 for n in names)
+    return has("train") and has("test")
+
+
 def _cached(path: Path, root: Path, image_size: int | None, fit: str, build) -> ImageData:
     """Decode once: key the cache on the path, its size/mtime and the target image size."""
     st = path.stat()
@@ -131,17 +192,7 @@ def _load_cifar10(root: Path) -> ImageData:
 
 def _load_image_folder(path: Path, image_size: int | None, fit: str = "stretch") -> ImageData:
     """Decode every image of an ImageFolder tree (directory or zip) into uint8 tensors."""
-    if path.is_dir():
-        files = [p for p in path.rglob("*") if p.is_file()]
-        names = [str(p.relative_to(path)).replace(os.sep, "/") for p in files]
-        read = lambda name: (path / name).read_bytes()  # noqa: E731
-        zf = None
-    elif zipfile.is_zipfile(path):
-        zf = zipfile.ZipFile(path)
-        names = [n for n in zf.namelist() if not n.endswith("/")]
-        read = zf.read
-    else:
-        raise UserError(f"{path} is neither a directory nor a .zip archive")
+    names, read, close = _list_images(path)
     try:
         splits = _split_layout(names, path)
         classes = sorted(set(splits["train"]) | set(splits["test"]))
@@ -150,24 +201,22 @@ def _load_image_folder(path: Path, image_size: int | None, fit: str = "stretch")
             xs, ys = [], []
             for label, cls in enumerate(classes):
                 for name in splits[split].get(cls, []):
-                    xs.append(_decode(read(name), name, image_size, fit))
+                    xs.append(decode_pixels(read(name), name, image_size, fit))
                     ys.append(label)
             sizes = {x.shape for x in xs}
             if len(sizes) > 1:
                 raise UserError(f"{path}: images have different sizes {sorted(sizes)[:3]}...; pass --image-size to resize them")
             out += [torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), torch.tensor(ys)]
     finally:
-        if zf is not None:
-            zf.close()
+        close()
     return ImageData(*out, classes)
 
 
 def _split_layout(names: list[str], path: Path) -> dict[str, dict[str, list[str]]]:
-    """Group image paths into {"train"|"test": {class: [paths]}}; accepts one wrapping folder."""
+    """Group image paths (as `_list_images` lists them) into {"train"|"test": {class: [paths]}};
+    accepts one wrapping folder."""
     splits: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
-    for name in sorted(names):
-        if not name.lower().endswith(IMAGE_EXTENSIONS) or "/__MACOSX/" in f"/{name}":
-            continue
+    for name in names:
         parts = name.split("/")
         for i in range(len(parts) - 2):
             if parts[i] in splits and i + 3 == len(parts):
@@ -177,26 +226,6 @@ def _split_layout(names: list[str], path: Path) -> dict[str, dict[str, list[str]
         if not by_class:
             raise UserError(f"{path}: no images under {split}/<class>/ (expected ImageFolder layout train/<class>/*.jpg, test/<class>/*.jpg)")
     return splits
-
-
-def _decode(raw: bytes, name: str, image_size: int | None, fit: str = "stretch") -> np.ndarray:
-    """Image bytes -> (H, W, 3) uint8."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            im = im.convert("RGB")
-            if image_size and fit == "center":
-                # the same ops as Preset.eval_transform's first steps, so cached pixels are served pixels
-                from torchvision.transforms import v2
-
-                x = v2.CenterCrop(image_size)(v2.Resize(image_size, antialias=True)(v2.ToImage()(im)))
-                return x.permute(1, 2, 0).numpy()
-            if image_size:
-                im = im.resize((image_size, image_size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-        raise UserError(f"cannot decode image {name}: {e}") from None
 
 
 def fetch_archive(name: str, root: str | os.PathLike, url: str | None = None, sha1: str | None = None,

@@ -61,6 +61,17 @@ def test_image_folder_zip_and_cache(tmp_path):
     assert load_image_data(str(z), tmp_path / "root", image_size=4).train_x.shape[-1] == 4
 
 
+def test_macos_metadata_files_are_not_images(tmp_path):
+    z = tmp_path / "tiny.zip"
+    _write_folder_zip(z)
+    with zipfile.ZipFile(z, "a") as zf:  # what macOS's Finder adds: AppleDouble files that do not decode
+        zf.writestr("__MACOSX/set/train/red/._0.png", b"\x00\x05\x16\x07 not an image")
+    with zipfile.ZipFile(z) as zf:
+        zf.extractall(tmp_path / "tree")
+    for source in (z, tmp_path / "tree"):
+        assert load_image_data(str(source), tmp_path / "root", image_size=4).train_x.shape == (6, 3, 4, 4)
+
+
 def test_bad_datasets(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_image_data(str(tmp_path / "nope"), tmp_path)

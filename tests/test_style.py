@@ -16,6 +16,7 @@ from PIL import Image
 
 from jobs import style as S
 from jobs.cli import UserError
+from jobs.images import ImageInputError, load_image
 
 TINY = [32, 48]
 
@@ -81,10 +82,19 @@ def test_bf16_gram_is_fp32_and_close():
         assert torch.equal(S.gram(x), fp32)
 
 
-def test_precision_auto_resolves_to_what_the_device_does_natively():
-    assert S.resolve_precision("fp32", "cpu") == "fp32" and S.resolve_precision("bf16", "cpu") == "bf16"
-    from jobs.artifact import native_bf16_cpu
-    assert S.resolve_precision("auto", "cpu") == ("bf16" if native_bf16_cpu() else "fp32")
+@pytest.mark.parametrize("precision, native_bf16, dtype", [
+    ("auto", True, torch.bfloat16), ("auto", False, torch.float32),
+    ("fp32", True, torch.float32), ("bf16", False, torch.bfloat16)])
+def test_vgg_runs_in_the_precision_of_the_setting_and_the_cpu(extractor, monkeypatch, precision, native_bf16, dtype):
+    # both kinds of CPU on this one: the probe is replaced, the VGG really runs under the autocast chosen
+    monkeypatch.setattr("jobs.precision.native_bf16_cpu", lambda: native_bf16)
+    c, s = (S.preprocess(make_image(seed=i), TINY) for i in range(2))
+    targets = S.compute_targets(extractor, c, s, tiny_cfg(precision=precision))
+    assert targets.content[25].dtype == dtype
+    assert all(g.dtype == torch.float32 for g in targets.style_grams.values())  # losses stay fp32
+
+
+def test_fp16_is_refused_for_gatys():
     with pytest.raises(UserError, match="precision"):
         S.StyleConfig(precision="fp16").validate()
 
@@ -296,12 +306,12 @@ def test_bad_images_are_clear_errors(tmp_path):
         (png_with_size(100_000, 100_000), "over the limit|too many pixels"),
     ]
     for source, msg in cases:
-        with pytest.raises(S.ImageInputError, match=msg):
-            S.load_image(source)
-    assert issubclass(S.ImageInputError, UserError)
-    with pytest.raises(S.ImageInputError, match="over the limit"):
-        S.load_image(good, max_pixels=100)
-    assert S.load_image(good).size == (60, 40)
+        with pytest.raises(ImageInputError, match=msg):
+            load_image(source)
+    assert issubclass(ImageInputError, UserError)
+    with pytest.raises(ImageInputError, match="over the limit"):
+        load_image(good, max_pixels=100)
+    assert load_image(good).size == (60, 40)
 
 
 def test_bad_config_is_clear_error():
@@ -371,6 +381,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_batch_on_ray_two_workers(tmp_path, local_ray):
     from jobs.style_cli import run_batch
 
