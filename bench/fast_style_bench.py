@@ -26,7 +26,9 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from jobs import style as S  # noqa: E402
-from jobs.transformer_net import TransformerNet, inference_precision, load_style_model, stylize_image  # noqa: E402
+from jobs.images import load_image  # noqa: E402
+from jobs.precision import autocast_dtype, dtype_name  # noqa: E402
+from jobs.transformer_net import TransformerNet, load_style_model, stylize_image  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -99,12 +101,12 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    content = S.load_image(args.content).resize((args.size, args.size), Image.BILINEAR)
-    style = S.load_image(args.style)
+    content = load_image(args.content).resize((args.size, args.size), Image.BILINEAR)
+    style = load_image(args.style)
     model = load_style_model(args.model)[0] if args.model else TransformerNet().eval()
     result = {"size": args.size, "threads": args.threads, "torch": torch.__version__,
               "model": args.model or "random-init TransformerNet", "vgg_weights": args.weights, "feed_forward": []}
-    served = inference_precision("auto", "cpu")  # what FastStylePool runs here by default (NCHW)
+    served = dtype_name(autocast_dtype("auto", "cpu", "stylize"))  # what FastStylePool runs here by default (NCHW)
     result["served_precision"] = served
     for variant in ("fp32", "fp32-cl", "bf16", "bf16-cl"):
         r = feed_forward(model, content, variant, args.warmup, args.repeats)

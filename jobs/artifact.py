@@ -55,30 +55,3 @@ def load_artifact(path: str | os.PathLike, device: str | torch.device = "cpu") -
         raise ArtifactError(f"{path}: cannot load weights: {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), classes, preset, manifest
 
-
-# ----------------------------------------------------------------------------- inference precision
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def native_bf16_cpu() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), where bf16 autocast is
-    about 1.5-2.5x the fp32 speed of a convolutional network; elsewhere it is emulated and slower."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def inference_autocast(precision: str, device: torch.device | str) -> torch.dtype | None:
-    """Autocast dtype for serving: "fp32" -> None; "bf16" -> bfloat16; "auto" -> float16 on CUDA,
-    bfloat16 on a CPU with native bf16, None (fp32) elsewhere."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    device = torch.device(device)
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and device.type == "cuda":
-        return torch.float16
-    if precision == "auto" and device.type == "cpu" and native_bf16_cpu():
-        return torch.bfloat16
-    return None
-

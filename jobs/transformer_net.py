@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from jobs.artifact import inference_autocast
+from jobs.precision import autocast_dtype
 
 MIN_SIDE = 5  # the 9x9 reflection pad needs > 4 pixels, the quarter-size maps >= 2
 WEIGHTS = "weights.pt"
@@ -100,25 +100,19 @@ class TransformerNet(nn.Module):
 # ----------------------------------------------------------------------------- inference
 
 
-def inference_precision(precision: str, device: torch.device | str) -> str:
-    """"auto" -> "bf16" on a CPU with native bfloat16 (AVX-512 BF16 or AMX: about 1.6x the fp32
-    speed of a 512x512 forward on 2 cores, mean pixel change ~1/255), else "fp32"; others pass through."""
-    # the classifier's rule, except that a GPU stays fp32 (fp16 is not what this network was checked in)
-    return "bf16" if inference_autocast(precision, device) == torch.bfloat16 else "fp32"
-
-
 @torch.inference_mode()
 def stylize_image(model: TransformerNet, img, device: torch.device | str = "cpu",
                   precision: str = "fp32") -> "Image.Image":
-    """PIL RGB image -> stylized PIL RGB image of the same size: ToTensor, one forward (bfloat16
-    autocast with precision "bf16"), clamp to [0, 1]."""
+    """PIL RGB image -> stylized PIL RGB image of the same size: ToTensor, one forward (under autocast
+    where `precision` resolves to a lower dtype: jobs.precision, workload "stylize"), clamp to [0, 1]."""
     import torchvision.transforms.functional as TF
 
     device = torch.device(device)
+    dtype = autocast_dtype(precision, device, "stylize")
     x = TF.to_tensor(img).unsqueeze(0).to(device)  # (1, 3, H, W) in [0, 1]
     if next(model.parameters()).device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         y = model(x)[0].float().clamp_(0, 1).cpu()
     return TF.to_pil_image(y)
 

@@ -1,0 +1,83 @@
+"""The precision table of jobs/precision.py, row by row, written out here rather than derived from it.
+
+Both kinds of CPU are checked on any machine (`native_bf16` overrides the probe); CUDA rows need no
+GPU because the rule only reads the device's type, except "gatys" on CUDA, which asks the GPU
+whether it has bf16: that question is answered here by a stand-in.
+"""
+import pytest
+import torch
+
+from jobs.precision import autocast_dtype, dtype_name
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, None
+WORKLOADS = ("train", "classify", "stylize", "gatys")
+
+# (precision, workload) -> (CUDA, CPU with native bf16, other CPU)
+TABLE = {
+    ("fp32", "train"): (FP32, FP32, FP32), ("fp32", "classify"): (FP32, FP32, FP32),
+    ("fp32", "stylize"): (FP32, FP32, FP32), ("fp32", "gatys"): (FP32, FP32, FP32),
+    ("bf16", "train"): (BF16, BF16, BF16), ("bf16", "classify"): (BF16, BF16, BF16),
+    ("bf16", "stylize"): (BF16, BF16, BF16), ("bf16", "gatys"): (BF16, BF16, BF16),
+    ("fp16", "train"): (FP16, FP16, FP16), ("fp16", "classify"): (FP16, FP16, FP16),
+    ("fp16", "stylize"): (FP16, FP16, FP16), ("fp16", "gatys"): (FP16, FP16, FP16),
+    # "auto": training on CPU stays fp32 (the reference recipe's numbers); the style network stays fp32 on GPU
+    ("auto", "train"): (FP16, FP32, FP32), ("auto", "classify"): (FP16, BF16, FP32),
+    ("auto", "stylize"): (FP32, BF16, FP32), ("auto", "gatys"): ("bf16 if the GPU has it", BF16, FP32),
+    # "fast": the quickest dtype that trains the fast recipe well on each device
+    ("fast", "train"): (FP16, BF16, FP32), ("fast", "classify"): (FP16, BF16, FP32),
+    ("fast", "stylize"): (FP16, BF16, FP32), ("fast", "gatys"): (FP16, BF16, FP32),
+}
+
+
+@pytest.mark.parametrize("precision, workload", sorted(TABLE))
+def test_cpu_rows(precision, workload):
+    _, native, other = TABLE[precision, workload]
+    assert autocast_dtype(precision, "cpu", workload, native_bf16=True) is native
+    assert autocast_dtype(precision, "cpu", workload, native_bf16=False) is other
+
+
+@pytest.mark.parametrize("precision, workload", sorted(k for k in TABLE if k != ("auto", "gatys")))
+def test_cuda_rows(precision, workload):
+    # the CPU's bf16 has no say on a GPU
+    for native_bf16 in (True, False):
+        assert autocast_dtype(precision, "cuda", workload, native_bf16=native_bf16) is TABLE[precision, workload][0]
+        assert autocast_dtype(precision, torch.device("cuda", 1), workload, native_bf16=native_bf16) \
+            is TABLE[precision, workload][0]
+
+
+@pytest.mark.parametrize("gpu_has_bf16, expected", [(True, BF16), (False, FP32)])
+def test_gatys_auto_on_cuda_asks_the_gpu(monkeypatch, gpu_has_bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: gpu_has_bf16)
+    assert autocast_dtype("auto", "cuda", "gatys") is expected
+
+
+def test_other_devices_run_auto_and_fast_in_fp32():
+    for workload in WORKLOADS:
+        for precision in ("auto", "fast"):
+            assert autocast_dtype(precision, "mps", workload, native_bf16=True) is None
+        assert autocast_dtype("bf16", "mps", workload) is BF16  # a fixed choice stays what it says
+
+
+def test_the_probe_decides_when_not_overridden(monkeypatch):
+    for native, expected in ((True, BF16), (False, FP32)):
+        monkeypatch.setattr("jobs.precision.native_bf16_cpu", lambda: native)
+        assert autocast_dtype("auto", "cpu", "classify") is expected
+        assert autocast_dtype("auto", "cpu", "classify", native_bf16=not native) is (FP32 if native else BF16)
+
+
+def test_workload_defaults_to_train():
+    assert autocast_dtype("auto", "cpu", native_bf16=True) is None
+    assert autocast_dtype("auto", "cuda") is FP16
+
+
+@pytest.mark.parametrize("precision, workload", [("fp8", "train"), ("AUTO", "train"), ("auto", "segment"),
+                                                 ("", "classify")])
+def test_unknown_values_are_refused(precision, workload):
+    with pytest.raises(ValueError, match="precision|workload"):
+        autocast_dtype(precision, "cpu", workload)
+
+
+def test_dtype_names():
+    assert [dtype_name(d) for d in (None, torch.bfloat16, torch.float16)] == ["fp32", "bf16", "fp16"]
+    with pytest.raises(KeyError):
+        dtype_name(torch.float64)
