@@ -4,7 +4,7 @@ Reference = what the recipe does: torchvision PIL transforms (RandomHorizontalFl
 RandomResizedCrop + ToTensor) through `DataLoader(num_workers=0)`, batch 256. Measured on two
 reference datasets: the images held in memory as arrays (torchvision's CIFAR10 class: one
 `Image.fromarray` per item) and an ImageFolder over the extracted JPEGs (decoded every epoch).
-Ours = `jobs.data` (decoded once into a uint8 tensor, cached) + `jobs.augmentations` on the batch.
+Ours = `jobs.data` (decoded once into a uint8 tensor, cached) + `jobs.transforms` on the batch.
 
     python bench/data_pipeline.py --zip ../shared/data/cifar10-jpeg.zip --repeats 3
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jobs.augmentations import AugmentSpec, compose  # noqa: E402
+from jobs.transforms import AugmentSpec, compose  # noqa: E402
 from jobs.data import iterate_batches, load_image_data, shard_indices  # noqa: E402
 
 BATCH = 256

@@ -71,7 +71,7 @@ def probe_step_rate(threads: int, batch: int, precision: str, channels_last: boo
     """Images/s of one process doing the fast recipe's training steps (model, augmentation, SGD)."""
     import torch
 
-    from jobs.augmentations import random_translate
+    from jobs.transforms import random_translate
     from jobs.fast import sgd_param_groups
     from jobs.models import fast_cifar_net
 

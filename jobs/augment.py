@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from jobs import engine
-from jobs.augmentations import AugmentSpec, alternating_flip, compose, flip_bits, parse_aug_names
+from jobs.transforms import AugmentSpec, alternating_flip, compose, flip_bits, parse_aug_names
 from jobs.cli import UserError, run_cli
 from jobs.config import RunOptions, build_parser, load_config, option
 from jobs.data import RankShards, iterate_batches, load_image_data

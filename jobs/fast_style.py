@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from jobs import engine
-from jobs.augmentations import horizontal_flip
+from jobs.transforms import horizontal_flip
 from jobs.cli import UserError, run_cli
 from jobs.config import RunOptions, build_parser, load_config, option
 from jobs.paths import is_uri

@@ -10,8 +10,7 @@ from typing import Any
 
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from jobs.images import IMAGENET_MEAN, IMAGENET_STD
 
 
 def scaled_resize(crop: int, ratio: float) -> int:
@@ -26,8 +25,8 @@ def scaled_resize(crop: int, ratio: float) -> int:
 class Preset:
     """Eval: Resize(shorter side -> resize) + CenterCrop(crop) + ToTensor [+ Normalize(mean, std)].
 
-    Train: RandomResizedCrop(crop) + RandomHorizontalFlip + ToTensor [+ Normalize].
-    mean/std None means no normalisation (the CIFAR recipe feeds [0, 1] pixels).
+    Train (batched on the device, `train_batch`): RandomResizedCrop(crop) + RandomHorizontalFlip +
+    ToTensor [+ Normalize]. mean/std None means no normalisation (the CIFAR recipe feeds [0, 1] pixels).
     """
 
     resize: int
@@ -71,16 +70,6 @@ class Preset:
             steps.append(v2.Normalize(self.mean, self.std))
         return v2.Compose(steps)
 
-    def train_transform(self):
-        """PIL image -> (3, crop, crop) float tensor with the reference's random crop and flip."""
-        from torchvision.transforms import v2
-
-        steps = [v2.ToImage(), v2.RandomResizedCrop(self.crop, antialias=True), v2.RandomHorizontalFlip(),
-                 v2.ToDtype(torch.float32, scale=True)]
-        if self.mean is not None:
-            steps.append(v2.Normalize(self.mean, self.std))
-        return v2.Compose(steps)
-
     # batched, on-device equivalents for training: the decode cache holds images already resized
     # so that both sides are `resize` (Resize + CenterCrop(resize)); these do the rest per batch.
 
@@ -98,12 +87,12 @@ class Preset:
 
     def train_batch(self, x: torch.Tensor, g: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
                     ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-        """train_transform batched on the device: RandomResizedCrop(crop, scale, ratio) + horizontal
-        flip + ToDtype + Normalize, one random draw per image from generator `g`.
+        """The reference's training transform, batched on the device: RandomResizedCrop(crop, scale, ratio)
+        + horizontal flip + ToDtype + Normalize, one random draw per image from generator `g`.
 
         x: (B, 3, H, W) uint8 -> (B, 3, crop, crop) float. Defaults are torchvision's.
         """
-        from jobs.augmentations import horizontal_flip, random_resized_crop
+        from jobs.transforms import horizontal_flip, random_resized_crop
 
         x = random_resized_crop(x.float().div_(255), g, (self.crop, self.crop), scale, ratio)
         return self.normalize(horizontal_flip(x, g))

@@ -8,21 +8,17 @@ import argparse
 
 import torch
 
-from jobs.augmentations import AugmentSpec, compose, parse_aug_names
 from jobs.cli import UserError, run_cli
+from jobs.images import load_image
+from jobs.transforms import AugmentSpec, compose, parse_aug_names
 
 
 def load_image_tensor(path: str) -> torch.Tensor:
-    """Read an image file as a float (3, H, W) tensor in [0, 1]; unreadable files are a UserError."""
-    from PIL import Image, UnidentifiedImageError
-    import numpy as np
+    """Read an image file as a float (3, H, W) tensor in [0, 1]; unreadable files are a UserError
+    (`jobs.images.load_image`'s checks)."""
+    from torchvision.transforms.functional import to_tensor
 
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+    return to_tensor(load_image(path))
 
 
 def augment_grid(image: torch.Tensor, names: list[str], spec: AugmentSpec, rows: int = 2, cols: int = 4,

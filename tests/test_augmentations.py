@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from jobs.augmentations import (AugmentSpec, color_jitter, compose, horizontal_flip, parse_aug_names,
-                                random_resized_crop, vertical_flip)
 from jobs.cli import UserError
+from jobs.transforms import (AugmentSpec, color_jitter, compose, horizontal_flip, parse_aug_names,
+                             random_resized_crop, vertical_flip)
 
 
 def batch(n=8, h=12, w=10, seed=0):
@@ -58,7 +58,7 @@ def test_jitter_stays_in_range_and_changes_images():
 
 
 def test_hue_shift_keeps_gray_and_full_turn_is_identity():
-    from jobs.augmentations import _shift_hue
+    from jobs.transforms import _shift_hue
     gray = torch.rand(2, 1, 5, 5).expand(2, 3, 5, 5)
     torch.testing.assert_close(_shift_hue(gray, torch.tensor([0.3, -0.2])), gray, atol=1e-5, rtol=0)
     x = batch(n=2)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from jobs import engine
 from jobs.augment import Config, build_setup
-from jobs.augmentations import alternating_flip, flip_bits, random_translate
+from jobs.transforms import alternating_flip, flip_bits, random_translate
 from jobs.fast import Lookahead, flip_tta, sgd_param_groups, warmup_decay
 from jobs.models import FastCifarNet, build_model, init_whitening_
 

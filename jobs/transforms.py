@@ -1,4 +1,5 @@
-"""Batched image augmentations on tensors, run on the training device.
+"""Batched image augmentations on tensors, run on the training device (what `jobs.augment`, the
+CIFAR-style training job, and the presets' `train_batch` apply to each batch).
 
 Every function takes a float batch `x` of shape (B, C, H, W) with values in [0, 1] and a
 `torch.Generator` on the same device, draws one random decision per sample, and returns a new
@@ -7,7 +8,7 @@ batch. Same generator state -> same output, so runs are reproducible under a see
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -165,12 +166,10 @@ class AugmentSpec:
     crop_size: tuple[int, int] | None = None  # None: keep the input size (training); demo uses 200x200
     jitter: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.5)  # brightness, contrast, saturation, hue
     translate_pad: int = 2
-    names: list[str] = field(default_factory=list)
 
 
 AUGMENTATIONS: dict[str, Callable[[AugmentSpec], Augment]] = {
     "flip": lambda s: lambda x, g: horizontal_flip(x, g, s.flip_p),
-    "hflip": lambda s: lambda x, g: horizontal_flip(x, g, s.flip_p),
     "vflip": lambda s: lambda x, g: vertical_flip(x, g, s.flip_p),
     "crop": lambda s: lambda x, g: random_resized_crop(x, g, s.crop_size, s.crop_scale, s.crop_ratio),
     "translate": lambda s: lambda x, g: random_translate(x, g, s.translate_pad),
