@@ -1,6 +1,6 @@
 """Time to accuracy on CIFAR-10: the reference recipe vs `--recipe fast`, and ablations of the fast one.
 
-Every run trains for the same `--budget` seconds of training time (the engine's --time-budget),
+Every run trains for the same `--budget` seconds of training time (the job's --time-budget),
 then evaluates once on the full test set. Run it under the machine's benchmark lock:
 
     flock -x /tmp/heavy.lock python bench/fast_cifar.py --runs fast,fast,fast,reference --budget 600
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs import engine  # noqa: E402
+from jobs import driver  # noqa: E402
 from jobs.augment import Config, validate  # noqa: E402
 from jobs.cli import init_ray  # noqa: E402
 
@@ -58,12 +58,12 @@ def run_one(name: str, args, index: int) -> dict:
                     "name": f"bench-{name}-{int(args.budget)}s-{index}-{int(time.time())}"})
     validate(cfg)
     t0 = time.perf_counter()
-    summary = engine.fit("jobs.augment", cfg)
+    summary = driver.fit("jobs.augment", cfg)
     return {"config": name, "budget_s": args.budget, "seed": index, "test_acc": summary["test_acc"],
             "train_time_s": summary["train_time_s"], "steps": summary["steps"],
             "epochs_seen": summary["steps"] * cfg.batch_size / 50000,
             "wall_s": time.perf_counter() - t0, "workers": args.num_workers, "threads": args.cpus_per_worker,
-            "precision": cfg.precision, "channels_last": cfg.channels_last,
+            "precision": summary["precision"], "channels_last": cfg.channels_last,
             "run": cfg.name}
 
 
@@ -72,7 +72,7 @@ def probe_step_rate(threads: int, batch: int, precision: str, channels_last: boo
     import torch
 
     from jobs.transforms import random_translate
-    from jobs.fast import sgd_param_groups
+    from jobs.airbench import sgd_param_groups
     from jobs.models import fast_cifar_net
 
     torch.set_num_threads(threads)

@@ -23,27 +23,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-from jobs import engine  # noqa: E402
+from jobs import driver  # noqa: E402
 from jobs.augment import Config, build_setup  # noqa: E402
+from jobs.budget import StepPlan  # noqa: E402
+from jobs.loop import Amp, train_one_epoch  # noqa: E402
 
 
 def plain_loop(cfg: Config) -> list[float]:
-    """Single process, both cores: the engine's own epoch function without Ray or DDP."""
+    """Single process, both cores: the loop's own epoch function without Ray or DDP."""
     torch.set_num_threads(2)
     torch.manual_seed(cfg.seed)
-    setup = build_setup(cfg, torch.device("cpu"), rank=0, world=1)
+    cpu = torch.device("cpu")
+    setup = build_setup(cfg, cpu, rank=0, world=1)
+    steps = StepPlan.start(None, None, cfg.epochs, setup.steps_per_epoch, [], cpu)
     rates = []
     for epoch in range(cfg.epochs):
         g = torch.Generator().manual_seed(epoch)
         t0 = time.perf_counter()
-        stats = engine.train_one_epoch(setup.model, setup.optimizer, setup.loss_fn, setup.train_batches(epoch),
-                                       setup.prepare, g, torch.device("cpu"))
+        stats, _ = train_one_epoch(setup.model, setup, epoch, steps, Amp(None, cpu), g)
         rates.append(stats["count"] / (time.perf_counter() - t0))
     return rates
 
 
 def ray_job(cfg: Config) -> list[float]:
-    summary = engine.fit("jobs.augment", cfg)
+    summary = driver.fit("jobs.augment", cfg)
     return [h["examples_per_sec"] for h in summary["history"]]
 
 

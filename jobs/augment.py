@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from jobs import engine
 from jobs.transforms import AugmentSpec, alternating_flip, compose, flip_bits, parse_aug_names
 from jobs.cli import UserError, run_cli
 from jobs.config import RunOptions, build_parser, load_config, option
 from jobs.data import RankShards, iterate_batches, load_image_data
-from jobs.fast import Lookahead, flip_tta, sgd_param_groups, warmup_decay
+from jobs.airbench import Lookahead, sgd_param_groups, warmup_decay
+from jobs.loop import Classification, TrainSetup, constant
 from jobs.models import MODELS, build_model, init_whitening_
 from jobs.precision import PRECISIONS
 from jobs.presets import Preset
@@ -112,7 +112,7 @@ class Config(RunOptions):
             self.name = f"{prefix}-{stem}-{self.aug.replace(',', '+')}"
 
 
-def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> engine.TrainSetup:
+def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> TrainSetup:
     """Data resident as uint8 (on the GPU when there is one), batched device-side augmentation."""
     data = load_image_data(cfg.data, cfg.data_root, cfg.image_size).subset(cfg.limit_train, cfg.limit_test)
     shards = RankShards(data, rank, world, cfg.batch_size // world, device, cfg.seed)
@@ -157,13 +157,11 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> eng
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                      weight_decay=cfg.weight_decay)
     preset = Preset(data.image_size[0], data.image_size[0], mean, std) if cfg.normalize else Preset.plain(data.image_size[0])
-    return engine.TrainSetup(
+    return TrainSetup(
         model=model, optimizer=optimizer,
-        train_batches=train_batches, test_batches=shards.test_batches, prepare=prepare,
-        num_train=shards.num_train, steps_per_epoch=shards.steps_per_epoch,
-        loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-        schedule=(lambda p: warmup_decay(p, cfg.warmup)) if cfg.schedule == "warmup-decay" else None,
-        predict=flip_tta if cfg.tta == "flip" else None,
+        train_batches=train_batches, test_batches=shards.test_batches, steps_per_epoch=shards.steps_per_epoch,
+        prepare=prepare, task=Classification(cfg.label_smoothing, cfg.tta),
+        schedule=(lambda p: warmup_decay(p, cfg.warmup)) if cfg.schedule == "warmup-decay" else constant,
         averager=Lookahead() if cfg.lookahead else None,
         meta={"classes": data.classes, "arch": cfg.arch, "image_size": list(data.image_size),
               "preset": preset.to_dict()},

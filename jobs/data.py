@@ -337,25 +337,22 @@ def make_synthetic(n_train: int = 2048, n_test: int = 512, size: int = 32, num_c
     return ImageData(x[:n_train], y[:n_train], x[n_train:], y[n_train:], names)
 
 
-def shard_indices(n: int, rank: int, world: int, epoch: int, seed: int, shuffle: bool = True) -> torch.Tensor:
+def shard_indices(n: int, rank: int, world: int, epoch: int, seed: int) -> torch.Tensor:
     """This rank's example indices for one epoch: a permutation shared by all ranks, strided by rank.
 
     Every rank gets exactly n // world indices (the remainder is dropped, as DistributedSampler
     with drop_last does), so all ranks run the same number of DDP steps and never deadlock.
     """
-    if shuffle:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    else:
-        order = torch.arange(n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     per_rank = n // world
     return order[rank:per_rank * world:world]
 
 
 def iterate_batches(x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, batch_size: int,
-                    device: torch.device, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (images uint8 (B, 3, H, W), labels (B,)) on `device`, indexing a resident tensor."""
-    stop = len(indices) - (len(indices) % batch_size if drop_last else 0)
-    for i in range(0, stop, batch_size):
+                    device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (images uint8 (B, 3, H, W), labels (B,)) on `device`, indexing a resident tensor; the
+    last batch may be smaller."""
+    for i in range(0, len(indices), batch_size):
         idx = indices[i:i + batch_size]
         yield x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
 
@@ -370,8 +367,7 @@ class RankShards:
         self.home = device if device.type == "cuda" else torch.device("cpu")
         self.train_x, self.train_y = data.train_x.to(self.home), data.train_y.to(self.home)
         self.test_x, self.test_y = data.test_x.to(self.home), data.test_y.to(self.home)
-        self.num_train = len(self.train_x) // world * world  # examples trained per epoch over all ranks
-        self.steps_per_epoch = num_batches(self.num_train // world, batch)
+        self.steps_per_epoch = math.ceil(len(self.train_x) // world / batch)  # the same on every rank
 
     def train_indices(self, epoch: int) -> torch.Tensor:
         return shard_indices(len(self.train_x), self.rank, self.world, epoch, self.seed).to(self.home)
@@ -383,6 +379,3 @@ class RankShards:
         idx = torch.arange(self.rank, len(self.test_x), self.world, device=self.home)
         return iterate_batches(self.test_x, self.test_y, idx, self.batch, self.device)
 
-
-def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
-    return n // batch_size if drop_last else math.ceil(n / batch_size)

@@ -3,7 +3,7 @@
 The network learns to minimise, over many content images, the same objective that jobs.style
 optimises per image (VGG-19 content + Gram style + TV losses, weights applied in
 `jobs.style.weighted_losses`); afterwards a new image is stylized in one forward pass.
-DDP on Ray Train through the project's one loop (`jobs.engine`, via `TrainSetup.step_loss`).
+DDP on Ray Train through the project's one loop (`jobs.loop`, with `PerceptualTask` as its task).
 
     python -m jobs.fast_style --style ../shared/data/autumn-oak.jpg --data ../shared/data/cifar10-jpeg.zip \\
         --image-size 64 --limit-train 2000 --epochs 2 --registry styles      # then: python -m serve --fast-styles styles
@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from jobs import engine
 from jobs.transforms import horizontal_flip
 from jobs.cli import UserError, run_cli
 from jobs.config import RunOptions, build_parser, load_config, option
-from jobs.paths import is_uri
+from jobs.paths import is_uri, storage_dir
 from jobs.data import RankShards, load_content_images
 from jobs.images import IMAGENET_MEAN, IMAGENET_STD, load_image
+from jobs.loop import CHECKPOINT_FILE, TrainSetup
 from jobs.style import (RANDOM_WEIGHTS_WARNING, StyleConfig, StyleLosses, Targets, VGGFeatures, gram, load_vgg,
                         weighted_losses)
 from jobs.transformer_net import MIN_SIDE, TransformerNet, save_style_model, valid_style_name
@@ -123,7 +123,29 @@ def perceptual_step(model, extractor: VGGFeatures, grams: dict[int, torch.Tensor
 # ----------------------------------------------------------------------------- the job
 
 
-def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> engine.TrainSetup:
+class PerceptualTask:
+    """The fast-style job's task for the loop: `perceptual_step`'s loss in training and evaluation alike,
+    reported as its content/style/tv means; after each epoch (rank 0) a preview sheet of validation
+    images, stylized by the epoch's weights, in <run>/previews/epoch-NNN.png."""
+
+    metrics = ("content", "style", "tv")
+
+    def __init__(self, extractor: VGGFeatures, grams: dict[int, torch.Tensor], scfg: StyleConfig,
+                 preview: torch.Tensor, preview_dir: Path):
+        self.extractor, self.grams, self.scfg = extractor, grams, scfg
+        self.preview, self.preview_dir = preview, preview_dir
+
+    def loss(self, model, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x (B, 3, S, S) in [0, 1]; the labels are unused (content images have none)."""
+        return perceptual_step(model, self.extractor, self.grams, self.scfg, x)
+
+    evaluate = loss
+
+    def after_epoch(self, model, epoch: int) -> None:
+        write_preview(model, self.preview, self.preview_dir / f"epoch-{epoch + 1:03d}.png")
+
+
+def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> TrainSetup:
     """Content images resident as uint8; frozen VGG and the style's Gram targets built once per worker."""
     data = load_content_images(cfg.data, cfg.data_root, cfg.image_size, cfg.limit_train).subset(
         cfg.limit_train, cfg.limit_test)
@@ -143,19 +165,12 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> eng
         return x.contiguous(memory_format=torch.channels_last) if on_gpu else x
 
     preview = shards.test_x[:cfg.preview_count].to(device)
-    out_dir = engine.run_dir(cfg) / "previews"
-
-    def after_epoch(model, epoch):
-        write_preview(model, preview, out_dir / f"epoch-{epoch + 1:03d}.png")
-
     model = TransformerNet()
-    return engine.TrainSetup(
+    return TrainSetup(
         model=model, optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
-        train_batches=shards.train_batches, test_batches=shards.test_batches, prepare=prepare,
-        num_train=shards.num_train, steps_per_epoch=shards.steps_per_epoch,
-        step_loss=lambda m, x, labels: perceptual_step(m, extractor, grams, scfg, x),
-        metric_names=("content", "style", "tv"),
-        after_epoch=after_epoch,
+        train_batches=shards.train_batches, test_batches=shards.test_batches, steps_per_epoch=shards.steps_per_epoch,
+        prepare=prepare,
+        task=PerceptualTask(extractor, grams, scfg, preview, storage_dir(cfg.storage_path, cfg.name) / "previews"),
         meta={"kind": "fast_style", "style_name": cfg.style_name, "style": cfg.style, "image_size": cfg.image_size},
     )
 
@@ -190,13 +205,13 @@ def publish(model_dir: Path, registry: str, name: str) -> Path:
 
 def export_model(cfg: Config, summary: dict) -> Path:
     """The final checkpoint's weights -> <run>/model/ (a servable style model), and the registry if asked."""
-    state = torch.load(Path(summary["checkpoint"]) / engine.CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    state = torch.load(Path(summary["checkpoint"]) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     metrics = {k: v for k, v in summary.items() if k.startswith(("train_", "test_")) and isinstance(v, float)}
     info = {"style_image": os.path.basename(cfg.style), "image_size": cfg.image_size, "style_size": cfg.style_size,
             "weights": cfg.weights, "epochs": summary["epochs"], "metrics": metrics,
             "losses": {k: getattr(cfg, k) for k in ("content_layers", "style_layers", "content_weight",
                                                      "style_weight", "tv_weight")}}
-    out = save_style_model(engine.run_dir(cfg) / "model", state["model"], cfg.style_name, info,
+    out = save_style_model(storage_dir(cfg.storage_path, cfg.name) / "model", state["model"], cfg.style_name, info,
                            load_image(cfg.style, name="style image"))
     if cfg.registry:
         publish(out, cfg.registry, cfg.style_name)

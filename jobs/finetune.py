@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from jobs import engine
 from jobs.cli import UserError, run_cli
 from jobs.config import RunOptions, build_parser, load_config, option
 from jobs.data import DOWNLOADS, RankShards, load_image_data
+from jobs.loop import CHECKPOINT_FILE, TrainSetup
 from jobs.models import HEADS, build_model
 from jobs.presets import Preset, scaled_resize
 
@@ -110,10 +110,10 @@ def resolve_weights_path(path: str) -> Path:
     if p.is_file():
         return p
     if p.is_dir():
-        for candidate in (p / engine.CHECKPOINT_FILE, p / MANIFEST, p / "model" / MANIFEST):
+        for candidate in (p / CHECKPOINT_FILE, p / MANIFEST, p / "model" / MANIFEST):
             if candidate.is_file():
                 return candidate.with_name(WEIGHTS) if candidate.name == MANIFEST else candidate
-        checkpoints = sorted(p.glob(f"checkpoint_*/{engine.CHECKPOINT_FILE}"), key=lambda f: f.stat().st_mtime)
+        checkpoints = sorted(p.glob(f"checkpoint_*/{CHECKPOINT_FILE}"), key=lambda f: f.stat().st_mtime)
         if checkpoints:
             return checkpoints[-1]
         raise UserError(f"no weights in {path}: expected checkpoint.pt, an artifact (artifact.json + weights.pt), "
@@ -144,7 +144,7 @@ def load_source(weights: str, image_size: int | None = None, load: bool = True) 
             raise UserError(f"cannot load weights {file}: {str(e).splitlines()[0]}") from None
         manifest = file.with_name(MANIFEST)
         if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("meta"), dict):
-            meta = obj["meta"]  # a checkpoint written by the engine (jobs.augment, jobs.finetune)
+            meta = obj["meta"]  # a checkpoint written by jobs.loop (jobs.augment, jobs.finetune)
             if "arch" not in meta or "preset" not in meta:
                 raise UserError(f"{file} is a checkpoint of a job without a classifier (no arch/preset in its meta)")
             source = Source(meta["arch"], obj["model"], Preset.from_dict(meta["preset"]), str(file))
@@ -244,7 +244,7 @@ def _stay_in_eval(module: nn.Module, args) -> None:
 
 # ----------------------------------------------------------------------------- on each worker
 
-def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> engine.TrainSetup:
+def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> TrainSetup:
     """uint8 images cached at the preset's resize size, resident on the device; crops and flips batched there."""
     source = load_source(cfg.weights, cfg.image_size, load=cfg.mode == "finetune")
     preset = source.preset
@@ -262,10 +262,10 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> eng
         groups = ", ".join(f"{g['name']} lr {g['lr']:g}" for g in optimizer.param_groups)
         print(f"{source.arch} from {source.origin if cfg.mode == 'finetune' else 'random init'}; {groups}; "
               f"preset {preset.to_dict()}", flush=True)
-    return engine.TrainSetup(
+    return TrainSetup(
         model=model, optimizer=optimizer,
-        train_batches=shards.train_batches, test_batches=shards.test_batches, prepare=prepare,
-        num_train=shards.num_train, steps_per_epoch=shards.steps_per_epoch,
+        train_batches=shards.train_batches, test_batches=shards.test_batches, steps_per_epoch=shards.steps_per_epoch,
+        prepare=prepare,  # task: classification, the default
         meta={"classes": data.classes, "arch": source.arch, "image_size": [preset.crop, preset.crop],
               "preset": preset.to_dict(), "weights": source.origin if cfg.mode == "finetune" else "random init"},
     )

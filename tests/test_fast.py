@@ -8,10 +8,10 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from jobs import engine
+from jobs import driver
 from jobs.augment import Config, build_setup
 from jobs.transforms import alternating_flip, flip_bits, random_translate
-from jobs.fast import Lookahead, flip_tta, sgd_param_groups, warmup_decay
+from jobs.airbench import Lookahead, flip_tta, sgd_param_groups, warmup_decay
 from jobs.models import FastCifarNet, build_model, init_whitening_
 
 FAST_TINY = dict(recipe="fast", data="synthetic:1024", image_size=16, batch_size=128, num_workers=2)
@@ -114,18 +114,28 @@ def test_fast_recipe_config_defaults_and_overrides():
     ref = Config()
     assert (ref.arch, ref.batch_size, ref.optimizer, ref.lr, ref.aug) == ("cifar_resnet18", 256, "adam", 1e-3, "flip")
     setup = build_setup(Config(**{**FAST_TINY, "num_workers": 1}), torch.device("cpu"), 0, 1)
-    assert setup.averager is not None and setup.predict is flip_tta and setup.schedule is not None
+    assert isinstance(setup.averager, Lookahead)
+    assert setup.schedule(0.0) == pytest.approx(0.2) and setup.schedule(1.0) == pytest.approx(0.07)  # warm-up, decay
+    # evaluation sees flip TTA: the task's loss is the smoothed cross-entropy of the mean logits
+    images, labels = next(iter(setup.test_batches()))
+    x = setup.prepare(images, False, None)
+    with torch.no_grad():
+        loss, sums = setup.task.evaluate(setup.model.eval(), x, labels)
+        logits = flip_tta(setup.model, x)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, labels, label_smoothing=0.2))
+    assert sums["acc"] == (logits.argmax(1) == labels).sum()
     assert not setup.model.whiten.weight.requires_grad
     x, y = next(iter(setup.train_batches(0)))
     prepared = setup.prepare(x, True, torch.Generator().manual_seed(0))
     assert prepared.shape == (128, 3, 16, 16) and abs(float(prepared.mean())) < 0.5  # standardised
 
 
+@pytest.mark.slow
 def test_time_budget_stops_on_time_and_learns(local_ray, tmp_path):
     budget = 15.0
     cfg = Config(**FAST_TINY, time_budget=budget, eval_every=0, storage_path=str(tmp_path), name="budget")
     t0 = time.perf_counter()
-    summary = engine.fit("jobs.augment", cfg)
+    summary = driver.fit("jobs.augment", cfg)
     wall = time.perf_counter() - t0
     result = json.loads((tmp_path / "budget" / "result.json").read_text())
     assert result["test_acc"] == summary["test_acc"] and result["plan"]["fixed"]
@@ -140,5 +150,5 @@ def test_time_budget_stops_on_time_and_learns(local_ray, tmp_path):
     # 4 balanced classes: chance is 0.25
     assert summary["test_acc"] > 0.6, summary["history"]
     # re-running the finished budgeted run returns its result without training again
-    again = engine.fit("jobs.augment", cfg)
+    again = driver.fit("jobs.augment", cfg)
     assert again["history"] == summary["history"]

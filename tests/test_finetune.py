@@ -14,7 +14,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from jobs import engine, finetune
+from jobs import driver, finetune, loop
 from jobs.artifact import load_artifact, save_artifact
 from jobs.cli import UserError
 from jobs.data import fetch_archive, file_sha1, load_image_data, make_synthetic
@@ -124,21 +124,21 @@ def test_imagenet_weights_without_cache_or_network_is_one_clear_error(tmp_path, 
 
 
 def augment_style_checkpoint(run: Path, num_classes: int = 4, arch: str = "cifar_resnet18") -> dict:
-    """A checkpoint laid out as engine._report writes it for jobs.augment, in <run>/checkpoint_*/."""
+    """A checkpoint laid out as jobs.loop.report writes it for jobs.augment, in <run>/checkpoint_*/."""
     model = build_model(arch, num_classes)
     meta = {"classes": [f"c{i}" for i in range(num_classes)], "arch": arch, "image_size": [32, 32],
             "preset": Preset.plain(32).to_dict()}
     ckpt = run / "checkpoint_2026-01-01_00-00-00.000000"
     ckpt.mkdir(parents=True)
     torch.save({"model": model.state_dict(), "optimizer": {}, "epoch": 0, "config": {}, "history": [], "meta": meta},
-               ckpt / engine.CHECKPOINT_FILE)
+               ckpt / loop.CHECKPOINT_FILE)
     return model.state_dict()
 
 
 def test_weights_from_an_augmentation_checkpoint_keep_its_architecture_and_size(tmp_path):
     state = augment_style_checkpoint(tmp_path / "run")
     ckpt_dir = next((tmp_path / "run").glob("checkpoint_*"))
-    for path in (tmp_path / "run", ckpt_dir, ckpt_dir / engine.CHECKPOINT_FILE):
+    for path in (tmp_path / "run", ckpt_dir, ckpt_dir / loop.CHECKPOINT_FILE):
         source = load_source(str(path))
         assert source.arch == "cifar_resnet18" and source.preset == Preset.plain(32), path
     model, opt = build_classifier(Config(), source, num_classes=2)
@@ -298,6 +298,7 @@ def local_ray(tmp_path_factory):
         os.environ["TORCH_HOME"] = previous
 
 
+@pytest.mark.slow
 def test_two_worker_finetune_learns_and_serves(local_ray, tmp_path):
     # a generated ImageFolder of 2 shapes in non-square images; ImageNet weights from the hub cache
     folder = make_folder(tmp_path / "data", n_train=192, n_test=64, size=40, num_classes=2, seed=5,
@@ -305,7 +306,7 @@ def test_two_worker_finetune_learns_and_serves(local_ray, tmp_path):
     cfg = Config(data=str(folder), data_root=str(tmp_path / "cache"), image_size=32, batch_size=32, epochs=2,
                  storage_path=str(tmp_path), name="target")
     finetune.validate(cfg)
-    summary = engine.fit("jobs.finetune", cfg)
+    summary = driver.fit("jobs.finetune", cfg)
 
     result = json.loads((tmp_path / "target" / "result.json").read_text())
     assert result["epochs"] == 2 and result["config"]["head_lr_mult"] == 10.0
@@ -317,7 +318,7 @@ def test_two_worker_finetune_learns_and_serves(local_ray, tmp_path):
     model, classes, preset, manifest = load_artifact(tmp_path / "target" / "model")
     assert classes == ["hbar", "square"] and preset == Preset.imagenet(32)
     assert manifest["metrics"]["test_acc"] == summary["test_acc"]
-    state = torch.load(Path(summary["checkpoint"]) / engine.CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    state = torch.load(Path(summary["checkpoint"]) / loop.CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     trained = build_model("resnet18", 2)
     trained.load_state_dict(state["model"])
     trained.eval()

@@ -54,6 +54,7 @@ def read_until(proc, text: str, timeout: float) -> str:
     return "".join(out)
 
 
+@pytest.mark.slow
 def test_augment_job_runs_on_two_nodes(cluster, tmp_path):
     # storage both nodes see, given as a URI: the same code path as s3:// (Ray Train writes the
     # checkpoints there from whichever node holds rank 0; the driver uploads result.json and model/)
@@ -96,6 +97,7 @@ def test_augment_job_runs_on_two_nodes(cluster, tmp_path):
     assert len(workers) == 2 and len({w.node_id for w in workers}) == 2, workers
 
 
+@pytest.mark.slow
 def test_submit_reports_a_failed_job(cluster, tmp_path):
     """A job that fails on the cluster (here: more workers than the cluster grows to within the
     job's wait for the autoscaler): the client streams its one-line error and exits 1."""
@@ -128,14 +130,14 @@ def test_rayignore_keeps_data_results_and_venvs_out_of_the_upload(tmp_path):
 
 
 def test_storage_uri_errors_are_one_line(tmp_path):
-    from jobs import engine
+    from jobs import driver
     from jobs.augment import Config
     from jobs.cli import UserError
 
-    assert engine.check_storage(Config(storage_path=f"file://{tmp_path}", name="r")) == f"file://{tmp_path}/r"
+    assert driver.check_storage(Config(storage_path=f"file://{tmp_path}", name="r")) == f"file://{tmp_path}/r"
     assert (tmp_path / "r").is_dir()
     with pytest.raises(UserError, match="not writable: Unrecognized filesystem type"):
-        engine.check_storage(Config(storage_path="nosuch://bucket/runs"))
+        driver.check_storage(Config(storage_path="nosuch://bucket/runs"))
 
 
 def test_submit_usage_errors_are_one_line(tmp_path):

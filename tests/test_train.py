@@ -1,36 +1,86 @@
-"""Ray Train end to end on CPU (gloo DDP): learning, fault tolerance, resume, resource checks."""
+"""The training loop and Ray Train end to end on CPU (gloo DDP): learning, a killed worker, resume,
+resource checks."""
+import dataclasses
 import json
-import os
+import shutil
 
 import pytest
 import ray
+import ray.train
+import torch
 
-from jobs import engine
+from faults import kill_when
+from jobs import augment, driver, loop
 from jobs.augment import Config
 from jobs.cli import UserError
+
+pytestmark = pytest.mark.slow  # the whole module starts Ray
 
 TINY = dict(data="synthetic:1024", image_size=16, batch_size=64, lr=2e-3, num_workers=2)
 
 
 @pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    marker = tmp_path_factory.mktemp("fault") / "failed-once"
-    # the workers inherit this: the last rank of run "fault" dies once, in epoch 1 (0-based)
-    os.environ["RAYCV_FAIL_ONCE"] = f"fault:1:{marker}"
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2)
-    yield marker
+def local_ray():
+    # the dashboard serves the state API, through which the fault test finds the Train workers
+    context = ray.init(num_cpus=2, include_dashboard=True, object_store_memory=256 * 1024**2)
+    yield f"http://{context.dashboard_url}"  # named: other Ray instances may run on this machine
     ray.shutdown()
-    os.environ.pop("RAYCV_FAIL_ONCE", None)
+
+
+class FakeSession:
+    """What the loop needs of `ray.train` / `ray.tune`, in memory: reports kept, checkpoints copied."""
+
+    Checkpoint = ray.train.Checkpoint
+
+    def __init__(self, root, checkpoint=None):
+        self.root, self.checkpoint, self.reports = root, checkpoint, []
+
+    def get_checkpoint(self):
+        return self.checkpoint
+
+    def report(self, metrics, checkpoint=None):
+        self.reports.append(metrics)
+        if checkpoint is not None:  # the loop's directory is temporary: keep a copy, as Ray does
+            kept = shutil.copytree(checkpoint.path, self.root / f"checkpoint_{len(self.reports):06d}")
+            self.checkpoint = ray.train.Checkpoint.from_directory(kept)
+
+
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()  # the loop sets its worker's thread count: this process is the worker
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_loop_takes_any_session_resolves_precision_on_the_worker_and_resumes(tmp_path, keep_threads):
+    # the fast recipe (lookahead, warm-up schedule, TTA) in one process, bf16 autocast asked for by name
+    cfg = Config(recipe="fast", data="synthetic:128", image_size=16, batch_size=64, num_workers=1, epochs=2,
+                 precision="bf16", storage_path=str(tmp_path), name="loop")
+    session = FakeSession(tmp_path)
+    history = loop.train(cfg, augment, session, rank=0, world=1, device=torch.device("cpu"))
+    assert [h["epoch"] for h in history] == [1, 2] and session.reports == history
+    assert {h["precision"] for h in history} == {"bf16"}
+    assert history[-1]["steps"] == 2 * 2  # 128 images / 64 per batch, 2 epochs
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        assert 0 <= history[-1][key] < 10, key
+    # one more epoch in a new process: it starts from the checkpoint, not from scratch
+    longer = dataclasses.replace(cfg, epochs=3)
+    again = FakeSession(tmp_path / "again", checkpoint=session.checkpoint)
+    (tmp_path / "again").mkdir()
+    history = loop.train(longer, augment, again, rank=0, world=1, device=torch.device("cpu"))
+    assert [h["epoch"] for h in again.reports] == [3]
+    assert history[:2] == session.reports and history[-1]["steps"] == 3 * 2
 
 
 def test_two_worker_ddp_learns_and_writes_outputs(local_ray, tmp_path):
     cfg = Config(**TINY, epochs=3, storage_path=str(tmp_path), name="learn")
-    summary = engine.fit("jobs.augment", cfg)
+    summary = driver.fit("jobs.augment", cfg)
     out = tmp_path / "learn"
     result = json.loads((out / "result.json").read_text())
     for key in ("train_loss", "train_acc", "test_acc", "examples_per_sec", "epochs", "config"):
         assert key in result
     assert result["epochs"] == 3 and result["config"]["num_workers"] == 2
+    assert result["precision"] == "fp32"  # "auto" trains in fp32 on a CPU, resolved on the workers
     assert (out / "curves.png").stat().st_size > 1000
     # 4 balanced classes: chance is 0.25
     assert summary["test_acc"] > 0.6, summary["history"]
@@ -52,11 +102,41 @@ def test_two_worker_ddp_learns_and_writes_outputs(local_ray, tmp_path):
     assert summary["history"][-1]["test_acc"] * 256 == pytest.approx(round(summary["test_acc"] * 256))
 
 
-def test_worker_failure_resumes_from_checkpoint(local_ray, tmp_path):
+def kill_a_train_worker_after_first_checkpoint(state_api, run):
+    """Once Ray Train has registered the run's first checkpoint (its checkpoint manager then writes
+    checkpoint_manager_snapshot.json into the run directory), SIGKILL one live Train worker process,
+    found through Ray's state API. The returned dict gets the pid and the history the checkpoint
+    held at that moment."""
+    from ray.util.state import list_actors
+
+    def find():
+        if not (run / "checkpoint_manager_snapshot.json").exists():
+            return None
+        workers = list_actors(state_api, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        if not workers:
+            return None
+        checkpoint = max(p for p in run.glob("checkpoint_*") if p.is_dir()) / loop.CHECKPOINT_FILE  # the only one
+        return {"pid": workers[-1].pid, "history": torch.load(checkpoint, weights_only=True)["history"]}
+
+    return kill_when(find)
+
+
+def train_worker_count(state_api):
+    from ray.util.state import list_actors
+
+    return len(list_actors(state_api, filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
+
+
+def test_killed_worker_restarts_the_group_from_the_last_checkpoint(local_ray, tmp_path):
     cfg = Config(**TINY, epochs=3, storage_path=str(tmp_path), name="fault")
-    summary = engine.fit("jobs.augment", cfg)
-    assert local_ray.exists(), "the injected failure did not happen"
+    before = train_worker_count(local_ray)
+    killed = kill_a_train_worker_after_first_checkpoint(local_ray, tmp_path / "fault")
+    summary = driver.fit("jobs.augment", cfg)
+    assert killed.get("pid"), f"no Train worker was killed: {killed}"
+    assert [h["epoch"] for h in killed["history"]] == [1]  # killed after epoch 1's checkpoint, before epoch 2's
+    assert train_worker_count(local_ray) - before == 4  # the first group of 2, then the one that replaced it
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
+    assert summary["history"][0] == killed["history"][0]  # epoch 1 came from the checkpoint, not trained again
 
 
 def _write_image_folder(root, n_train=256, n_test=64, size=16):
@@ -73,12 +153,12 @@ def _write_image_folder(root, n_train=256, n_test=64, size=16):
 
 def test_rerun_with_same_name_resumes_with_relative_paths(local_ray, tmp_path, monkeypatch):
     # relative --data / --data-root / --storage-path, as a user types them: the workers do not
-    # run in the driver's directory, so the engine must hand them absolute paths
+    # run in the driver's directory, so the driver must hand them absolute paths
     monkeypatch.chdir(tmp_path)
     _write_image_folder(tmp_path / "set")
     tiny = {**TINY, "data": "set", "data_root": "cache", "storage_path": "runs", "name": "resume"}
-    first = engine.fit("jobs.augment", Config(**tiny, epochs=1))
-    second = engine.fit("jobs.augment", Config(**tiny, epochs=2))
+    first = driver.fit("jobs.augment", Config(**tiny, epochs=1))
+    second = driver.fit("jobs.augment", Config(**tiny, epochs=2))
     assert len(second["history"]) == 2
     assert second["history"][0] == first["history"][0]  # epoch 1 was not run again
     assert (tmp_path / "runs" / "resume" / "result.json").exists()
@@ -87,6 +167,6 @@ def test_rerun_with_same_name_resumes_with_relative_paths(local_ray, tmp_path, m
 
 def test_more_workers_than_cpus_fails_fast(local_ray, tmp_path):
     with pytest.raises(UserError, match="need 8 CPUs"):
-        engine.fit("jobs.augment", Config(**{**TINY, "num_workers": 8}, epochs=1, storage_path=str(tmp_path)))
+        driver.fit("jobs.augment", Config(**{**TINY, "num_workers": 8}, epochs=1, storage_path=str(tmp_path)))
     with pytest.raises(UserError, match="GPUs"):
-        engine.check_resources(1, 1, use_gpu=True)
+        driver.check_resources(1, 1, use_gpu=True)

@@ -7,6 +7,7 @@ import os
 import pytest
 import ray
 
+from faults import kill_when
 from jobs import augment
 from jobs.cli import UserError
 from jobs.config import load_config
@@ -21,15 +22,9 @@ TINY = ["--job", "augment", "--data", "synthetic:64", "--image-size", "16", "--e
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
-    marker = root / "failed-once"
-    # trial processes inherit this: a sweep's second trial (id *_00001) dies once in epoch 2, unless the
-    # marker exists; only the resume test removes the marker
-    os.environ["RAYCV_FAIL_ONCE"] = f"*_00001:1:{marker}"
-    marker.touch()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2)
-    yield {"marker": marker, "data_root": str(root / "data")}
+    yield {"data_root": str(root / "data")}
     ray.shutdown()
-    os.environ.pop("RAYCV_FAIL_ONCE", None)
 
 
 def read_rows(path):
@@ -37,6 +32,7 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_asha_sweep_writes_table_best_and_plot(local_ray, tmp_path, capsys):
     rc = lr.main([*TINY, "--data-root", local_ray["data_root"], "--num-samples", "4", "--reduction-factor", "2",
                   "--storage-path", str(tmp_path), "--name", "asha"])
@@ -75,12 +71,27 @@ def progress_epochs(trial_dir):
         return [int(float(r["epoch"])) for r in csv.DictReader(f)]
 
 
+def kill_trial_after_first_epoch(sweep, trial_suffix):
+    """Once trial *_<trial_suffix> of the sweep in `sweep` has reported epoch 1 (a row in its progress.csv,
+    written after Tune took that epoch's checkpoint), SIGKILL the trial's process: the pid Tune records
+    in every result. The returned dict gets the pid."""
+    def find():
+        for progress in sweep.glob(f"train_trial_*_{trial_suffix}_*/progress.csv"):
+            rows = read_rows(progress)
+            if rows and (rows[0].get("pid") or "").isdigit():  # a whole row, not one being written
+                return {"pid": int(rows[0]["pid"])}
+        return None
+
+    return kill_when(find, poll_s=0.05)
+
+
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(local_ray, tmp_path):
-    local_ray["marker"].unlink()  # arm the failure: trial *_00001 dies once in its second epoch
-    argv = [*TINY, "--data-root", local_ray["data_root"], "--num-samples", "2", "--scheduler", "none",
-            "--max-failures", "0", "--storage-path", str(tmp_path), "--name", "resume"]
+    # 1024 training images in batches of 32: an epoch is long enough to be killed in
+    argv = [*TINY, "--data", "synthetic:1024", "--data-root", local_ray["data_root"], "--num-samples", "2",
+            "--scheduler", "none", "--max-failures", "0", "--storage-path", str(tmp_path), "--name", "resume"]
+    killed = kill_trial_after_first_epoch(tmp_path / "resume", "00001")
     assert lr.main(argv) == 1
-    assert local_ray["marker"].exists(), "the injected failure did not happen"
+    assert killed.get("pid"), f"trial 00001 was not killed: {killed}"
     out = tmp_path / "resume"
     first = {r["trial_id"][-5:]: r for r in read_rows(out / "results.csv")}
     assert first["00001"]["status"] == "error" and first["00001"]["epochs"] == "1"
@@ -98,6 +109,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(local_ray, 
     assert progress_epochs(trial_dirs["00001"]) == [1, 2]
 
 
+@pytest.mark.slow
 def test_sweep_rejects_bad_input(local_ray, tmp_path):
     with pytest.raises(UserError, match="one trial needs 3 CPUs"):  # 2 workers + 1 CPU for the trial driver > 2
         lr.main([*TINY[:-1], "2", "--storage-path", str(tmp_path), "--name", "big"])
@@ -114,6 +126,7 @@ def test_pareto_front():
     assert pareto_front(pts) == [True, True, True, False, True, False]
 
 
+@pytest.mark.slow
 def test_style_weight_sweep_writes_sheet_and_front(local_ray, tmp_path, capsys):
     from PIL import Image
 
@@ -148,6 +161,7 @@ def test_style_weight_sweep_writes_sheet_and_front(local_ray, tmp_path, capsys):
     assert "Pareto front" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_two_worker_finetune_sweep_samples_lr_head_multiplier_and_weight_decay(local_ray, tmp_path):
     import torch
     import torchvision

@@ -5,8 +5,8 @@
     python -m tune.lr --job augment --name lr-augment-cifar10 --resume   # finish an interrupted sweep
 
 Every flag that is not the sweep's own goes to the job (`python -m jobs.<job> --help`) and applies to
-every trial. Each trial is the job itself, run by `jobs.engine`: with one worker its training loop
-runs inside the trial; with more, `engine.fit` runs a TorchTrainer named after the trial id. Either
+every trial. Each trial is the job itself: with one worker the job's training loop (`jobs.loop.train`)
+runs inside the trial; with more, `jobs.driver.fit` runs a TorchTrainer named after the trial id. Either
 way every epoch's test accuracy reaches Tune, whose ASHA scheduler stops the weak trials. The sweep directory `<storage-path>/<name>/` receives
 results.csv, best.json (`python -m jobs.<job> --config best.json` retrains the winner), lr.png.
 """
@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from jobs import engine
+from jobs import driver, loop
 from jobs.cli import UserError, init_ray, run_cli
 from jobs.config import load_config
 from jobs.paths import absolute as absolute_if_local, is_uri
@@ -37,25 +37,27 @@ JOBS: dict[str, dict[str, tuple[float, float]]] = {
 
 
 def train_trial(config: dict[str, Any]) -> None:
-    """One Tune trial: the job's Config with this trial's sampled values, run by the job's engine.
+    """One Tune trial: the job's Config with this trial's sampled values, trained as the job trains.
 
     config = {"job", "base": asdict(job Config), "trial_storage", <searched field>: value, ...}.
-    One worker: the engine's loop runs right here, reporting each epoch and checkpoint to Tune.
-    More: `engine.fit` runs a TorchTrainer named after the trial id (a restored trial resumes its
-    own Train checkpoints) whose TuneReportCallback forwards each epoch's report to Tune.
+    One worker: this trial process is the worker; the job's loop runs right here with Tune as its
+    session (each epoch's report and checkpoint go to Tune). More: `driver.fit` runs a TorchTrainer
+    named after the trial id (a restored trial resumes its own Train checkpoints) whose
+    TuneReportCallback forwards each epoch's report to Tune.
     """
     import ray.tune
+    import torch
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    job_module = f"jobs.{config['job']}"
-    job = importlib.import_module(job_module)
+    job = importlib.import_module(f"jobs.{config['job']}")
     searched = {k: config[k] for k in JOBS[config["job"]]}
     cfg = job.Config(**{**config["base"], **searched, "storage_path": config["trial_storage"],
                         "name": ray.tune.get_context().get_trial_id()})
     if cfg.num_workers == 1:
-        engine.train_worker({"job": job_module, "config": dataclasses.asdict(cfg), "session": "tune"})
+        device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        loop.train(cfg, job, ray.tune, rank=0, world=1, device=device)
     else:
-        engine.fit(job_module, cfg, callbacks=[TuneReportCallback()])
+        driver.fit(job, cfg, callbacks=[TuneReportCallback()])
 
 
 def trial_resources(base, driver_cpus: float) -> dict[str, float]:
@@ -158,7 +160,7 @@ def build_tuner(args, base, path: str, restore: bool, space: dict[str, Any] | No
           f"{driver} each; up to {concurrency} at once", flush=True)
     scheduler = FIFOScheduler()
     if args.scheduler == "asha":
-        # time is the epoch the engine reports (not Tune's iteration count, which restarts when a trial resumes)
+        # time is the epoch the loop reports (not Tune's iteration count, which restarts when a trial resumes)
         scheduler = ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=min(args.grace_period, base.epochs),
                                   reduction_factor=args.reduction_factor)
     trial_storage = args.trial_storage or str(Path(path) / "trials")

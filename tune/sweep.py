@@ -27,7 +27,7 @@ def trial_concurrency(cpus_per_trial: float, gpus_per_trial: float, limit: int |
     floor(available / per trial), capped by `limit`. Fails with one line when not even one fits."""
     import ray
 
-    from jobs.engine import request_and_wait
+    from jobs.driver import request_and_wait
 
     # an autoscaling cluster may have no GPU node up yet: ask for room for the trials that should run
     # at once (a bundle per GPU, so that each fits a node) and wait (RAYCV_RESOURCE_WAIT_S; else a no-op)

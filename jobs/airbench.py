@@ -1,10 +1,10 @@
 """Pieces of the fast CIFAR-10 recipe (`python -m jobs.augment --recipe fast`), after airbench.
 
-Pure functions and one small class; `jobs.augment.build_setup` wires them into the engine:
+Pure functions and one small class; `jobs.augment.build_setup` hands them to the loop (`jobs.loop`):
 the schedule (`warmup_decay`), Nesterov SGD with a faster lr for the BatchNorm shifts
 (`sgd_param_groups`), lookahead weight averaging (`Lookahead`) and flip test-time augmentation
 (`flip_tta`). The network and its whitening initialisation live in `jobs.models`, the flips and
-translations in `jobs.augmentations`.
+translations in `jobs.transforms`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 def warmup_decay(progress: float, warmup: float = 0.23, start: float = 0.2, end: float = 0.07) -> float:
     """lr multiplier at `progress` in [0, 1] of the run: linear start -> 1 over the first `warmup`
     fraction, then linear 1 -> end. A function of progress, so it spans whatever number of steps
-    the engine plans (epochs, or what fits in a time budget)."""
+    the loop plans (epochs, or what fits in a time budget: `jobs.budget`)."""
     if progress < warmup:
         return start + (1 - start) * progress / warmup
     frac = min((progress - warmup) / max(1 - warmup, 1e-8), 1.0)
@@ -54,7 +54,7 @@ class Lookahead:
         self.slow: dict[str, torch.Tensor] | None = None  # taken from the model at the first update
 
     def _slow_weights(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.slow is None:  # lazily, on the model's device: the engine moves the model after setup
+        if self.slow is None:  # lazily, on the model's device: the loop moves the model after setup
             self.slow = {k: v.detach().clone() for k, v in state.items() if v.is_floating_point()}
         elif any(self.slow[k].device != state[k].device for k in self.slow):  # loaded from a checkpoint
             self.slow = {k: v.to(state[k].device) for k, v in self.slow.items()}

@@ -1,0 +1,295 @@
+"""The training loop of every job, on each Ray Train worker (or inside a one-worker Tune trial).
+
+A job module (`jobs.augment`, `jobs.finetune`, `jobs.fast_style`) provides `Config` and
+`build_setup(cfg, device, rank, world) -> TrainSetup`; `train` runs it: epochs (or what fits in a
+time budget, `jobs.budget`), sums reduced over ranks, a checkpoint every epoch, resume. It reports
+to a `session` it is given, `ray.train` or `ray.tune` (both have get_checkpoint, report and
+Checkpoint), so it does not know which of the two runs it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from jobs import precision
+from jobs.airbench import Lookahead, flip_tta
+from jobs.budget import StepPlan
+
+CHECKPOINT_FILE = "checkpoint.pt"
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+class Classification:
+    """The default task: cross-entropy (with label smoothing) on the model's logits, reported as
+    loss and accuracy. tta="flip" evaluates the mean logits of each image and its mirror image."""
+
+    metrics = ("acc",)  # reported as train_acc / test_acc
+
+    def __init__(self, label_smoothing: float = 0.0, tta: str = "none"):
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.tta = tta
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x (B, C, H, W), labels y (B,) -> (mean loss, {"acc": correct predictions, a SUM over the batch})."""
+        logits = model(x)  # (B, classes)
+        return self.criterion(logits, y), {"acc": (logits.argmax(1) == y).sum()}
+
+    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """As `loss`, with the test-time augmentation."""
+        logits = flip_tta(model, x) if self.tta == "flip" else model(x)
+        return self.criterion(logits.float(), y), {"acc": (logits.argmax(1) == y).sum()}
+
+    def after_epoch(self, model: nn.Module, epoch: int) -> None:
+        """Nothing to write per epoch (fast_style's task writes a preview sheet here)."""
+
+
+def constant(progress: float) -> float:
+    """The default lr schedule: the base lr throughout."""
+    return 1.0
+
+
+@dataclass
+class TrainSetup:
+    """What a job builds on each worker for the loop.
+
+    `train_batches(epoch)` yields this rank's shard of the training set for that epoch (reshuffled
+    per epoch) and `test_batches()` its shard of the test set, as raw (images, labels) on the device;
+    `prepare(images, train, generator)` turns raw images into the model's input (augmented when
+    train=True). `task` has `loss` and `evaluate`: (model, x, labels) -> (mean loss, {metric: SUM
+    over the batch}), its `metrics` names and `after_epoch(model, epoch)` (rank 0). `schedule` maps
+    progress in [0, 1] over the planned steps to the lr multiplier of every parameter group;
+    `averager` (`Lookahead`) averages weights after every step. `meta` goes into every checkpoint.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_batches: Callable[[int], Batches]
+    test_batches: Callable[[], Batches]
+    steps_per_epoch: int
+    prepare: Callable[[torch.Tensor, bool, torch.Generator | None], torch.Tensor]
+    task: Any = field(default_factory=Classification)
+    schedule: Callable[[float], float] = constant
+    averager: Lookahead | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Amp:
+    """Mixed precision on one device: autocast in `dtype` (None: plain fp32), loss scaling for fp16."""
+
+    def __init__(self, dtype: torch.dtype | None, device: torch.device):
+        self.dtype, self.device, self.name = dtype, device, precision.dtype_name(dtype)
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Backward and optimizer step (through the loss scaler in fp16)."""
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train_worker(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray Train's per-worker function. payload = {"job": module name, "config": asdict(cfg)}."""
+    import ray.train
+    import ray.train.torch
+
+    job = importlib.import_module(payload["job"])
+    ctx = ray.train.get_context()
+    return train(job.Config(**payload["config"]), job, ray.train, ctx.get_world_rank(), ctx.get_world_size(),
+                 ray.train.torch.get_device())
+
+
+def train(cfg, job, session, rank: int, world: int, device: torch.device) -> list[dict[str, Any]]:
+    """Train `job` (a module with `build_setup`) with `cfg` as rank `rank` of `world`: `cfg.epochs`
+    epochs, or what fits in `cfg.time_budget` seconds. Every epoch's metrics and checkpoint go to
+    `session`; a checkpoint found there is resumed. Returns the per-epoch history."""
+    torch.set_num_threads(max(1, cfg.cpus_per_worker))
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+    setup = job.build_setup(cfg, device, rank, world)
+    model = setup.model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    amp = Amp(precision.autocast_dtype(getattr(cfg, "precision", "auto"), device), device)  # resolved here, on the worker
+    history, saved_plan = restore(session, setup, device)
+    if history and rank == 0:
+        print(f"{cfg.name}: resuming from the checkpoint after epoch {len(history)}", flush=True)
+    steps = StepPlan.start(getattr(cfg, "time_budget", None), saved_plan, cfg.epochs, setup.steps_per_epoch,
+                           history, device, announce=cfg.name if rank == 0 else None)
+    if world > 1:
+        import ray.train.torch
+
+        model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP
+    eval_every = getattr(cfg, "eval_every", 1)  # 0: evaluate after the last epoch only
+
+    for epoch in itertools.count(len(history)):
+        if steps.finished or epoch >= steps.epochs:
+            break
+        t0 = time.perf_counter()
+        g = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + epoch * 104729 + rank)
+        log = progress_logger(epoch, steps.epochs, setup.steps_per_epoch, world) if rank == 0 else None
+        train_sums, steps_run = train_one_epoch(model, setup, epoch, steps, amp, g, log)
+        train_time = time.perf_counter() - t0
+        train_sums = all_reduce_sums(train_sums, device)
+        last = epoch == steps.epochs - 1 or steps.expired
+        if last and setup.averager is not None:
+            setup.averager.finish(setup.model)  # the averaged weights are evaluated and saved
+        test_sums = None  # not evaluated this epoch
+        if last or (eval_every and (epoch + 1) % eval_every == 0):
+            test_sums = all_reduce_sums(evaluate(setup, amp), device)
+        metrics = {"epoch": epoch + 1, **epoch_means("train", train_sums, setup.task.metrics),
+                   **epoch_means("test", test_sums, setup.task.metrics),
+                   "examples_per_sec": train_sums["count"] / train_time, "epoch_time_s": time.perf_counter() - t0,
+                   "lr": setup.optimizer.param_groups[0]["lr"], "steps": epoch * setup.steps_per_epoch + steps_run,
+                   "train_time_s": steps.elapsed, "precision": amp.name}
+        history.append(metrics)
+        if rank == 0:
+            print_epoch(metrics, steps)
+            setup.task.after_epoch(setup.model, epoch)
+        report(session, rank, cfg, setup, history, steps.state(done=last))
+        if last:
+            break
+    return history
+
+
+def train_one_epoch(model: nn.Module, setup: TrainSetup, epoch: int, steps: StepPlan, amp: Amp,
+                    generator: torch.Generator, log: Callable[[int, dict], None] | None = None,
+                    ) -> tuple[dict[str, Any], int]:
+    """One pass over this rank's shard of epoch `epoch`, ending early where `steps` says (a planned step
+    count, a spent time budget: the same answer on every rank). `model` is the DDP-wrapped one.
+    Returns ({"loss", task metrics: this rank's sums, "count"}, steps run)."""
+    model.train()
+    optimizer, task = setup.optimizer, setup.task
+    base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
+    sums, step = dict.fromkeys(("loss", *task.metrics, "count"), 0), epoch * setup.steps_per_epoch
+    steps.start_clock()
+    for i, (images, labels) in enumerate(setup.train_batches(epoch)):
+        if steps.done(step):
+            break
+        for group, lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = lr * setup.schedule(step / steps.total)
+        x = setup.prepare(images, True, generator)
+        with amp.autocast():
+            loss, batch = task.loss(model, x, labels)
+        amp.step(loss, optimizer)
+        steps.observe(step)
+        if setup.averager is not None:
+            setup.averager.update(setup.model, step, (step + 1) / steps.total)
+        add_sums(sums, {"loss": loss.detach().float() * len(labels), **batch, "count": len(labels)})
+        step += 1
+        if log is not None:
+            log(i + 1, sums)
+    steps.stop_clock()
+    return sums, step - epoch * setup.steps_per_epoch
+
+
+@torch.no_grad()
+def evaluate(setup: TrainSetup, amp: Amp) -> dict[str, Any]:
+    """Sums of the task's evaluation ("loss", metrics, "count") over this rank's test shard, with the
+    unwrapped model (no DDP collectives)."""
+    setup.model.eval()
+    sums = dict.fromkeys(("loss", *setup.task.metrics, "count"), 0)
+    for images, labels in setup.test_batches():
+        x = setup.prepare(images, False, None)
+        with amp.autocast():
+            loss, batch = setup.task.evaluate(setup.model, x, labels)
+        add_sums(sums, {"loss": loss.float() * len(labels), **batch, "count": len(labels)})
+    return sums
+
+
+# ----------------------------------------------------------------------------- metrics across ranks
+
+def add_sums(sums: dict[str, Any], batch: dict[str, Any]) -> None:
+    """sums[k] += batch[k]: tensors detached, in fp32, on the device (no host sync per step)."""
+    for k, v in batch.items():
+        sums[k] = sums[k] + (v.detach().float() if isinstance(v, torch.Tensor) else v)
+
+
+def all_reduce_sums(values: dict[str, Any], device) -> dict[str, float]:
+    """Sum each value over all ranks (a no-op without a process group). Returns Python floats."""
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def epoch_means(split: str, sums: dict[str, float] | None, metrics: tuple[str, ...]) -> dict[str, float | None]:
+    """Sums reduced over ranks -> per-example means {split_loss, split_<metric>...}; sums None (a split
+    not evaluated this epoch): the same keys, valued None."""
+    names = ("loss", *metrics)
+    if sums is None:
+        return {f"{split}_{k}": None for k in names}
+    return {f"{split}_{k}": sums[k] / max(sums["count"], 1) for k in names}
+
+
+# ----------------------------------------------------------------------------- checkpoints and reports
+
+def restore(session, setup: TrainSetup, device) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Load the session's latest checkpoint (after a worker failure, or a re-run of the same name)
+    into the model, optimizer and averager. Returns (history so far, the saved step plan)."""
+    ckpt = session.get_checkpoint()
+    if ckpt is None:
+        return [], None
+    with ckpt.as_directory() as d:
+        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+    setup.model.load_state_dict(state["model"])
+    setup.optimizer.load_state_dict(state["optimizer"])
+    if setup.averager is not None and state.get("averager") is not None:
+        setup.averager.load_state_dict(state["averager"])
+    return list(state["history"]), state.get("plan")
+
+
+def report(session, rank: int, cfg, setup: TrainSetup, history: list[dict[str, Any]], plan: dict[str, Any]) -> None:
+    """Every rank reports the epoch's metrics (a barrier); rank 0 attaches the checkpoint: weights,
+    optimizer, config, history, meta, the step plan and the averager's state."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            torch.save({"model": setup.model.state_dict(), "optimizer": setup.optimizer.state_dict(),
+                        "epoch": len(history) - 1, "config": dataclasses.asdict(cfg), "history": history,
+                        "meta": setup.meta, "plan": plan,
+                        "averager": setup.averager.state_dict() if setup.averager is not None else None},
+                       Path(tmp) / CHECKPOINT_FILE)
+            checkpoint = session.Checkpoint.from_directory(tmp)
+        session.report(history[-1], checkpoint=checkpoint)
+
+
+def print_epoch(metrics: dict[str, Any], steps: StepPlan) -> None:
+    """One line per epoch: the epoch's means, throughput and the training time so far."""
+    means = "  ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in metrics.items()
+                      if k.startswith(("train_", "test_")) and k != "train_time_s" and v is not None)
+    print(f"epoch {metrics['epoch']}/{steps.epochs}  {means}  {metrics['examples_per_sec']:.1f} examples/s  "
+          f"({steps.elapsed:.0f} s of training)", flush=True)
+
+
+def progress_logger(epoch: int, epochs: int, steps: int, world: int) -> Callable[[int, dict], None] | None:
+    """Print a progress line about every 10% of an epoch when an epoch has many steps."""
+    every, t0 = max(1, steps // 10), time.perf_counter()
+    if steps < 20:
+        return None
+
+    def log(i: int, sums: dict[str, Any]) -> None:
+        if i % every == 0 and i < steps:
+            rate = sums["count"] * world / (time.perf_counter() - t0)
+            print(f"  epoch {epoch + 1}/{epochs} [{i}/{steps}] loss {float(sums['loss']) / sums['count']:.3f}  "
+                  f"{rate:.0f} examples/s", flush=True)
+
+    return log
