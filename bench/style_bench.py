@@ -32,6 +32,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from jobs import style as S  # noqa: E402
+from jobs.images import load_image  # noqa: E402
 
 # ----------------------------------------------------------------------------- reference (d2l)
 
@@ -302,8 +303,8 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/style_bench.json", help="results JSON (merged)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    content = S.load_image(args.content)
-    style = S.load_image(args.style)
+    content = load_image(args.content)
+    style = load_image(args.style)
     features = S.load_vgg("random", args.seed)
     results = {}
     if os.path.exists(args.out):

@@ -113,7 +113,7 @@ def init_whitening_(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) ->
 def fast_cifar_net(num_classes: int = 10) -> nn.Module:
     """The fast recipe's network at airbench93's widths (64, 128, 128); about 0.6 M parameters.
 
-    Chosen for small compute budgets (a 2-core CPU sees a few epochs in 10 minutes), where more
+    Chosen for small compute budgets (a CPU run sees only a few epochs: BENCHMARKS.md), where more
     epochs of a narrower net beat fewer of a wider one."""
     return FastCifarNet(num_classes, widths=(64, 128, 128))
 

@@ -16,7 +16,7 @@ import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from jobs.cli import UserError
 from jobs.config import check_options, option
-from jobs.images import IMAGENET_MEAN, IMAGENET_STD, load_image
+from jobs.images import IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS, load_image
 from jobs.precision import autocast_dtype, dtype_name
 
 # ----------------------------------------------------------------------------- configuration
@@ -73,7 +73,7 @@ class StyleConfig(StyleLosses):
     channels_last: bool = option(True, "channels_last VGG (same math, faster convolutions)")
     precision: str = option("auto", "VGG arithmetic (losses are fp32): auto = bf16 where it is native (a CPU with "
                             "AVX-512 BF16 or AMX, a GPU with bf16), else fp32", choices=("auto", "fp32", "bf16"))
-    max_pixels: int = option(40_000_000, "refuse input images and working sizes with more pixels", min=1)
+    max_pixels: int = option(MAX_PIXELS, "refuse input images and working sizes with more pixels", min=1)
 
     def __post_init__(self):
         super().__post_init__()
