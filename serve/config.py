@@ -1,101 +1,93 @@
 """The one configuration of the HTTP service (classifier + style pool + ingress).
 
-`python -m serve` builds it from flags, `serve run serve/config.yaml` from the YAML's `args`;
-`build_app` (serve/app.py) turns it into a Serve application. It crosses the Ray boundary as
-a plain dict (`asdict`).
+Each field is declared once, with `jobs.config.option`: from it come its `python -m serve` flag
+(serve/__main__.py), the checks of types, choices and ranges, and what `serve run
+serve/config.yaml` accepts in `args` (`config_from_dict`). `build_app` (serve/app.py) turns it into a
+Serve application; it crosses the Ray boundary as a plain dict (`asdict`).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.artifact import PRECISIONS
 from jobs.cli import UserError
-from jobs.style import StyleConfig
+from jobs.config import load_config, option
+from jobs.images import MAX_PIXELS
+
+PRECISIONS = ("auto", "fp32", "bf16")  # resolved on each replica by jobs.precision.autocast_dtype
 
 
 @dataclass
 class ServeConfig:
     """Every knob of the service; the defaults suit one CPU machine (GPU: set *_gpus to 1)."""
 
-    classifier: str = ""  # artifact directory (<run>/model) written by jobs.augment / jobs.finetune
+    classifier: str = option("", "model artifact directory (<run>/model, written by jobs.augment or jobs.finetune); "
+                             "required", metavar="DIR")
     # classifier: dynamic batching and backpressure
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
-    classifier_replicas: int = 1
-    classifier_cpus: float = 1.0
-    classifier_gpus: float = 0.0
-    classifier_max_ongoing: int = 32  # per replica; raised to max_batch_size if smaller
-    classifier_max_queued: int = 64  # per caller; beyond it the answer is 503
-    # auto: fp16 autocast on GPU, bf16 autocast + channels_last on a CPU with native bfloat16, else fp32
-    classifier_precision: str = "auto"
-    # request limits (both routes)
-    max_body_mb: float = 16.0
-    max_pixels: int = StyleConfig.max_pixels  # decoded image size limit (header check, no decode)
+    max_batch_size: int = option(16, "dynamic batching: most images per forward", min=1)
+    batch_wait_timeout_s: float = option(0.01, "dynamic batching: longest wait for a batch to fill, in seconds "
+                                         "(or --batch-wait-ms)", min=0)
+    classifier_replicas: int = option(1, "classifier replicas", min=1)
+    classifier_cpus: float = option(1.0, "CPUs (and torch threads) per classifier replica", min=0)
+    classifier_gpus: float = option(0.0, "GPUs per classifier replica", min=0)
+    classifier_max_ongoing: int = option(32, "requests a classifier replica takes at once (raised to "
+                                         "--max-batch-size if smaller)", min=1)
+    classifier_max_queued: int = option(64, "requests waiting for the classifier beyond which the answer is 503",
+                                        min=1)
+    classifier_precision: str = option("auto", "auto: fp16 autocast on GPU, bf16 autocast on a CPU with native "
+                                       "bfloat16 (AVX-512 BF16/AMX), else fp32; fp32 gives bit-for-bit the training "
+                                       "run's evaluation", choices=PRECISIONS)
+    # request limits (every route)
+    max_body_mb: float = option(16.0, "largest request body in MiB (413 above, refused before it is read)", above=0)
+    max_pixels: int = option(MAX_PIXELS, "largest image, width*height, read from its header (422 above)", min=1)
     # style-transfer pool
-    style: bool = True
-    style_weights: str = "imagenet"  # imagenet | random | PATH (jobs.style.load_vgg)
-    style_replicas: int = 1  # fixed count, or the autoscaling minimum when style_max_replicas > it
-    style_max_replicas: int = 0  # > style_replicas: autoscale between the two
-    style_cpus: float = 1.0
-    style_gpus: float = 0.0  # 1 in production: one replica per GPU
-    style_device: str = "auto"  # cuda when the replica has a GPU, else cpu
-    max_style_jobs: int = 16  # queued + running jobs; beyond it POST answers 503 + Retry-After
-    style_max_steps: int = 2000
-    style_max_size: int = 1024 * 1024  # H*W of a job's working size
-    sync_max_size: int = 128 * 128  # H*W allowed on the synchronous POST /style
-    sync_timeout_s: float = 60.0  # POST /style answers 408 past this
-    job_max_attempts: int = 2  # a job whose replica dies is retried, then marked failed
-    job_lease_s: float = 120.0  # a job nobody heartbeats for this long is marked failed
-    job_ttl_s: float = 3600.0  # finished jobs (and their PNG) are kept this long
-    job_store_name: str = "raycv_style_jobs"  # the detached job-store actor
+    style: bool = option(True, "serve the style-transfer pool (--no-style: the classifier only)")
+    style_weights: str = option("imagenet", "VGG-19 weights: imagenet (torch hub cache), random (offline demo) or a "
+                                "state-dict PATH", metavar="WEIGHTS")
+    style_replicas: int = option(1, "style replicas (the autoscaling minimum with --style-max-replicas)", min=0)
+    style_max_replicas: int = option(0, "autoscale the pool up to this many replicas (0: fixed --style-replicas)",
+                                     min=0)
+    style_cpus: float = option(1.0, "CPUs per style replica", min=0)
+    style_gpus: float = option(0.0, "GPUs per style replica (1 in production: one replica per GPU)", min=0)
+    style_device: str = option("auto", "device of the style replicas: auto (cuda when the replica has a GPU, else "
+                               "cpu), cpu, cuda or cuda:N", metavar="DEVICE")
+    max_style_jobs: int = option(16, "queued + running style jobs beyond which submissions get 503 + Retry-After",
+                                 min=1)
+    style_max_steps: int = option(2000, "most steps a job may ask for", min=1)
+    style_max_size: int = option(1024 * 1024, "largest H*W of a job's working size", min=1)
+    sync_max_size: int = option(128 * 128, "largest H*W on the synchronous POST /style", min=1)
+    sync_timeout_s: float = option(60.0, "POST /style answers 408 (and cancels the job) past this", above=0)
+    job_max_attempts: int = option(2, "attempts per job when its replica dies, then it is marked failed", min=1)
+    job_lease_s: float = option(120.0, "a job nobody heartbeats for this long is marked failed", above=0)
+    job_ttl_s: float = option(3600.0, "finished jobs (and their PNG) are kept this long", above=0)
+    job_store_name: str = option("raycv_style_jobs", "name of the detached job-store actor", metavar="NAME")
     # real-time style transfer: trained style networks (python -m jobs.fast_style --registry DIR)
-    fast_styles: str = ""  # the registry directory, <dir>/<style name>/; "" -> not served
-    fast_style_replicas: int = 1
-    fast_style_cpus: float = 1.0
-    fast_style_gpus: float = 0.0
-    fast_style_max_side: int = 1024  # larger images are scaled down (aspect kept) before the forward pass
-    fast_style_precision: str = "auto"  # auto: bf16 on a CPU with native bfloat16, else fp32; or fp32 | bf16
-    ingress_max_ongoing: int = 256
-    ingress_cpus: float = 0.0  # it mostly awaits; image checks are short
-
-    def validate(self) -> "ServeConfig":
-        """Raise `UserError` for values the service cannot run with; return self."""
-        if not self.classifier:
-            raise UserError("a classifier artifact directory is required (--classifier DIR)")
-        for name in ("max_batch_size", "classifier_replicas", "classifier_max_ongoing", "classifier_max_queued",
-                     "max_pixels", "max_style_jobs", "style_max_steps", "style_max_size", "sync_max_size",
-                     "job_max_attempts", "ingress_max_ongoing", "fast_style_replicas", "fast_style_max_side"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.style and self.style_replicas < 1:
-            raise UserError(f"style_replicas must be >= 1, got {self.style_replicas}")
-        for name in ("batch_wait_timeout_s", "classifier_cpus", "classifier_gpus", "style_cpus", "style_gpus",
-                     "ingress_cpus", "fast_style_cpus", "fast_style_gpus"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("classifier_precision", "fast_style_precision"):
-            if getattr(self, name) not in PRECISIONS:
-                raise UserError(f"{name} must be auto, fp32 or bf16, got {getattr(self, name)!r}")
-        for name in ("max_body_mb", "sync_timeout_s", "job_lease_s", "job_ttl_s"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
-        return self
+    fast_styles: str = option("", "registry of trained style networks (python -m jobs.fast_style --registry DIR); "
+                              "default: off", metavar="DIR")
+    fast_style_replicas: int = option(1, "replicas serving the trained styles", min=1)
+    fast_style_cpus: float = option(1.0, "CPUs per trained-style replica", min=0)
+    fast_style_gpus: float = option(0.0, "GPUs per trained-style replica", min=0)
+    fast_style_max_side: int = option(1024, "larger images are scaled down to this longer side first", min=1)
+    fast_style_precision: str = option("auto", "auto: bfloat16 autocast on a CPU with native bf16 (AVX-512 BF16/AMX), "
+                                       "else fp32", choices=PRECISIONS)
+    # the ingress: it mostly awaits; image checks are short
+    ingress_max_ongoing: int = option(256, "requests the ingress takes at once", min=1)
+    ingress_cpus: float = option(0.0, "CPUs reserved for the ingress", min=0)
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
 
 
+def check_serve_config(cfg: ServeConfig) -> ServeConfig:
+    """The checks that relate fields (each field's own are in its declaration); return cfg."""
+    if not cfg.classifier:
+        raise UserError("a classifier artifact directory is required (--classifier DIR)")
+    if cfg.style and cfg.style_replicas < 1:
+        raise UserError(f"--style-replicas must be at least 1 with the style pool on, got {cfg.style_replicas}")
+    return cfg
+
+
 def config_from_dict(d: dict[str, Any] | None) -> ServeConfig:
-    """ServeConfig from a plain dict (YAML `args`), refusing unknown keys with one line."""
-    d = dict(d or {})
-    names = {f.name for f in dataclasses.fields(ServeConfig)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise UserError(f"unknown serve option(s): {', '.join(unknown)}")
-    try:
-        return ServeConfig(**d).validate()
-    except TypeError as e:
-        raise UserError(f"bad serve options: {e}") from None
+    """ServeConfig from a plain dict (the YAML's `args`), checked; unknown keys refused in one line."""
+    return check_serve_config(load_config(ServeConfig, dict(d or {})))
