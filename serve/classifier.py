@@ -1,27 +1,44 @@
 """ClassifierDeployment: the fine-tuned classifier behind dynamic batching.
 
-One request = one image's bytes. The replica decodes it with the safe loader of jobs/style.py,
-applies the artifact's own eval transform (`Preset.eval_transform`, the test-time transform of
-training), and `@serve.batch` stacks concurrent requests into one forward pass. A new artifact is
-swapped in through `user_config` (`reconfigure`), without restarting the replica.
+One request = one image's bytes. The replica decodes it with the safe loader of jobs/images.py
+and applies the artifact's own eval transform (`Preset.eval_transform`, the test-time transform of
+training) in a worker thread, so the event loop stays free to form batches; `@serve.batch` stacks
+concurrent requests into one forward pass. A new artifact is swapped in through `user_config`
+(`reconfigure`), without restarting the replica. A bad image raises `ImageInputError`, which the
+ingress answers with a 422.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from typing import Callable, NamedTuple
 
 import torch
 from ray import serve
 
-from jobs.artifact import ArtifactError, inference_autocast, load_artifact
-from jobs.style import ImageInputError, load_image
+from jobs.artifact import ArtifactError, load_artifact
+from jobs.images import load_image
+from jobs.precision import autocast_dtype, dtype_name
+from serve.errors import quiet_client_errors
 
 log = logging.getLogger("ray.serve")
 
 
+class Served(NamedTuple):
+    """What one artifact serves with, swapped as a whole: a batch never mixes two models."""
+
+    model: torch.nn.Module
+    classes: list[str]
+    transform: Callable  # PIL image -> (3, crop, crop), the artifact's eval transform
+    autocast: torch.dtype | None  # None: fp32
+    info: dict  # what /healthz shows
+
+
 @serve.deployment(max_ongoing_requests=32, health_check_period_s=10)
 class ClassifierDeployment:
-    """Serves one artifact; `user_config` = {"artifact", "max_batch_size", "batch_wait_timeout_s", "max_pixels"}.
+    """Serves one artifact; `user_config` = {"artifact", "max_batch_size", "batch_wait_timeout_s",
+    "max_pixels", "precision"}.
 
     Keys missing from `user_config` take the values in `defaults` (the application's own), so a
     config override may name just the new artifact.
@@ -33,11 +50,11 @@ class ClassifierDeployment:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.defaults = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01, "max_pixels": 40_000_000,
                          "precision": "auto", **(defaults or {})}
-        self.autocast: torch.dtype | None = None
-        self.state = None  # (model, classes, transform, info), swapped as one tuple
+        self.state: Served | None = None
         self.max_pixels = self.defaults["max_pixels"]
         self.batching: dict = {}
         self.failures = 0  # consecutive forward failures not caused by the input
+        quiet_client_errors()
 
     def reconfigure(self, user_config: dict) -> None:
         """Load the artifact named in `user_config` and swap it in; batching knobs apply at once.
@@ -50,22 +67,20 @@ class ClassifierDeployment:
             raise ValueError("user_config needs 'artifact': the model artifact directory")
         path = os.path.abspath(user_config["artifact"])
         try:
-            autocast = inference_autocast(user_config["precision"], self.device)
+            autocast = autocast_dtype(user_config["precision"], self.device, "classify")
         except ValueError as e:
             raise ValueError(f"user_config: {e}") from None
-        info = dict(self.state[3]) if self.state and self.state[3]["artifact"] == path else None
-        if info is None or autocast != self.autocast:
+        if self.state is None or self.state.info["artifact"] != path or self.state.autocast != autocast:
             try:
                 model, classes, preset, manifest = load_artifact(path, self.device)
             except ArtifactError as e:
                 raise ValueError(str(e)) from None
             if self.device.type == "cuda" or autocast is not None:  # reduced precision runs fastest channels_last
                 model = model.to(memory_format=torch.channels_last)
-            info = {"artifact": path, "arch": manifest["arch"], "classes": classes,
-                    "preset": preset.to_dict(), "metrics": manifest.get("metrics", {}),
-                    "created": manifest.get("created")}
-            info["precision"] = str(autocast).replace("torch.", "") if autocast else "float32"
-            self.state, self.autocast = (model, classes, preset.eval_transform(), info), autocast
+            info = {"artifact": path, "arch": manifest["arch"], "classes": classes, "preset": preset.to_dict(),
+                    "metrics": manifest.get("metrics", {}), "created": manifest.get("created"),
+                    "precision": dtype_name(autocast)}
+            self.state = Served(model, classes, preset.eval_transform(), autocast, info)
             log.info("classifier: serving %s (%s, %d classes)", path, manifest["arch"], len(classes))
         self.max_pixels = int(user_config["max_pixels"])
         self.batching = {"max_batch_size": int(user_config["max_batch_size"]),
@@ -74,26 +89,19 @@ class ClassifierDeployment:
         self.predict.set_batch_wait_timeout_s(self.batching["batch_wait_timeout_s"])
 
     async def classify(self, data: bytes) -> dict:
-        """Image bytes -> {"label", "score", "probabilities"}; unusable input -> {"error", "status"}.
-
-        Errors are returned, not raised: a bad image is the caller's fault, not the replica's.
-        """
-        _, _, transform, _ = self.state
-        try:
-            x = transform(load_image(data, self.max_pixels, "image"))  # (3, crop, crop)
-        except ImageInputError as e:
-            return {"error": str(e), "status": 422}
+        """Image bytes -> {"label", "score", "probabilities"}; an unusable image raises ImageInputError."""
+        transform, max_pixels = self.state.transform, self.max_pixels
+        x = await asyncio.to_thread(lambda: transform(load_image(data, max_pixels, "image")))  # (3, crop, crop)
         return await self.predict(x)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict(self, xs: list[torch.Tensor]) -> list[dict]:
         """Batched forward: N tensors (3, crop, crop) -> N answers, softmax over the artifact's classes."""
-        model, classes, _, info = self.state  # one snapshot per batch: a swap never mixes models
+        model, classes, _, dtype, _ = self.state  # one snapshot per batch
         x = torch.stack(xs).to(self.device)  # (N, 3, crop, crop)
-        dtype = getattr(torch, info["precision"])
         try:
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                if dtype != torch.float32 or self.device.type == "cuda":
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                if dtype is not None or self.device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 probs = torch.softmax(model(x).float(), dim=1).cpu()  # (N, num_classes)
         except RuntimeError:
@@ -109,7 +117,7 @@ class ClassifierDeployment:
 
     def info(self) -> dict:
         """What is being served: artifact path, architecture, classes, preset, metrics, batching."""
-        return {**self.state[3], **self.batching, "max_pixels": self.max_pixels, "device": str(self.device)}
+        return {**self.state.info, **self.batching, "max_pixels": self.max_pixels, "device": str(self.device)}
 
     def check_health(self) -> None:
         """Unhealthy (Serve replaces the replica) without a model or after repeated forward failures."""

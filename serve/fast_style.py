@@ -20,9 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from ray import serve
 
-from jobs.style import ImageInputError, load_image
+from jobs.images import load_image
+from jobs.precision import autocast_dtype, dtype_name
 from jobs.transformer_net import (MANIFEST, MIN_SIDE, STYLE_THUMBNAIL, StyleModelError, list_style_models,
-                                  inference_precision, load_style_model, stylize_image, valid_style_name)
+                                  load_style_model, stylize_image, valid_style_name)
+from serve.errors import ApiError, quiet_client_errors
 
 log = logging.getLogger("ray.serve")
 MODELS_PER_REPLICA = 8  # a TransformerNet is 6.7 MB of weights: a few styles fit any replica
@@ -30,19 +32,20 @@ MODELS_PER_REPLICA = 8  # a TransformerNet is 6.7 MB of weights: a few styles fi
 
 @serve.deployment(max_ongoing_requests=4, health_check_period_s=10)
 class FastStylePool:
-    """Serves every style of one registry directory; answers are dicts, errors never raise."""
+    """Serves every style of one registry directory; a bad request raises ApiError (404, 422)."""
 
     def __init__(self, registry: str, threads: int = 1, use_gpu: bool = False, max_side: int = 1024,
                  max_pixels: int = 40_000_000, precision: str = "auto"):
         torch.set_num_threads(max(1, threads))
         self.registry = os.path.abspath(registry)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.precision = inference_precision(precision, self.device)
+        self.precision = dtype_name(autocast_dtype(precision, self.device, "stylize"))
         log.info("fast style: %s forwards on %s", self.precision, self.device)
         self.max_side, self.max_pixels = max_side, max_pixels
         # forwards run off the event loop (health checks stay answered), one at a time: concurrent
         # forwards on the same cores only slow each other down
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fast-style")
+        quiet_client_errors()
 
     def styles(self) -> list[dict]:
         """The registry's styles: name, style image, training size, epochs, VGG weights, created."""
@@ -68,27 +71,29 @@ class FastStylePool:
         return model
 
     async def stylize(self, data: bytes) -> dict:
-        """Image bytes, style = the request's multiplexed model id -> {"png", "ms", "size"} or {"error", "status"}."""
+        """Image bytes, style = the request's multiplexed model id -> {"png", "ms", "size"}."""
         name = serve.get_multiplexed_model_id()
         if not valid_style_name(name) or not os.path.isfile(os.path.join(self.registry, name, MANIFEST)):
-            return {"error": f"unknown style {name!r}; GET /styles lists the served ones", "status": 404}
-        try:
-            img = load_image(data, self.max_pixels, "image")
-        except ImageInputError as e:
-            return {"error": str(e), "status": 422}
-        if min(img.size) < MIN_SIDE:
-            return {"error": f"image is {img.size[0]}x{img.size[1]}; both sides must be >= {MIN_SIDE} pixels",
-                    "status": 422}
-        if max(img.size) > self.max_side:  # keep the aspect ratio; the activations grow with the pixels
-            img.thumbnail((self.max_side, self.max_side))
+            raise ApiError(404, f"unknown style {name!r}; GET /styles lists the served ones")
+        img = await asyncio.to_thread(self._decode, data)  # off the event loop, beside a running forward
         try:
             model = await self.get_model(name)
         except StyleModelError as e:
-            return {"error": f"style {name!r} cannot be loaded: {e}", "status": 500}
-        loop = asyncio.get_running_loop()
+            raise ApiError(500, f"style {name!r} cannot be loaded: {e}") from None
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._forward, model, img)
+
+    def _decode(self, data: bytes):
+        """Bytes -> PIL RGB image, its longer side at most max_side (aspect kept); 422 if unusable."""
+        img = load_image(data, self.max_pixels, "image")
+        if min(img.size) < MIN_SIDE:
+            raise ApiError(422, f"image is {img.size[0]}x{img.size[1]}; both sides must be >= {MIN_SIDE} pixels")
+        if max(img.size) > self.max_side:  # the activations grow with the pixels
+            img.thumbnail((self.max_side, self.max_side))
+        return img
+
+    def _forward(self, model: torch.nn.Module, img) -> dict:
         t0 = time.perf_counter()
-        out = await loop.run_in_executor(self.executor, stylize_image, model, img, self.device,
-                                         self.precision)
+        out = stylize_image(model, img, self.device, self.precision)
         ms = (time.perf_counter() - t0) * 1000
         buf = io.BytesIO()
         out.save(buf, format="PNG")

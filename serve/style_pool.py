@@ -44,18 +44,13 @@ class StylePool:
         # the optimisation runs off the event loop (health checks stay answered) in ONE thread:
         # even if a request's task were cancelled, a second job could not start beside it
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stylize")
-        self.busy_since: float | None = None
 
     async def run(self, job_id: str, attempt: int, content: bytes, style: bytes, cfg: dict) -> str:
         """Run one attempt of a job; the outcome goes to the store. Returns the final status."""
         if not await self.store.start.remote(job_id, attempt, self.replica):
             return "skipped"
         loop = asyncio.get_running_loop()
-        self.busy_since = time.time()
-        try:
-            return await loop.run_in_executor(self.executor, self._work, job_id, attempt, content, style, cfg)
-        finally:
-            self.busy_since = None
+        return await loop.run_in_executor(self.executor, self._work, job_id, attempt, content, style, cfg)
 
     def _work(self, job_id: str, attempt: int, content: bytes, style: bytes, cfg: dict) -> str:
         store = self.store

@@ -3,9 +3,12 @@
 The classifier serves a tiny CIFAR ResNet-18 trained here for a few steps to tell red images
 from blue ones; the style pool uses random VGG weights at 16x16 pixels.
 """
+import asyncio
+import dataclasses
 import io
 import json
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -22,11 +25,16 @@ import yaml
 from PIL import Image
 from ray import serve
 
-from jobs.artifact import inference_autocast, load_artifact, save_artifact
+from jobs.artifact import load_artifact, save_artifact
+from jobs.cli import UserError
 from jobs.models import build_model
+from jobs.precision import autocast_dtype, dtype_name
 from jobs.presets import Preset
 from serve.app import build_app
-from serve.config import config_from_dict
+from serve.config import PRECISIONS, ServeConfig, config_from_dict
+from serve.errors import ApiError, Unavailable, json_error
+
+pytestmark = pytest.mark.slow  # the whole module starts Ray
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 18010
@@ -93,13 +101,12 @@ def train_red_blue(path):
                          {"test_acc": acc})
 
 
-# the replica's default precision ("auto") on this machine: bf16 autocast on a CPU with native bf16
-SERVED_DTYPE = inference_autocast("auto", "cpu")
-# fp32 serving equals local fp32 to rounding; bf16 to its ~3 significant digits (thread counts differ)
-TOLERANCE = 1e-5 if SERVED_DTYPE is None else 3e-2
+# fp32 serving (the fixture's) equals local fp32 to rounding (batching and thread counts differ);
+# bf16 to its ~3 significant digits
+TOLERANCE = {None: 1e-5, torch.bfloat16: 3e-2}
 
 
-def local_probabilities(artifact, data: bytes, dtype=SERVED_DTYPE) -> dict:
+def local_probabilities(artifact, data: bytes, dtype=None) -> dict:
     """What serving must answer: the artifact's model on its own eval transform, computed here
     (with the replica's autocast and memory format)."""
     model, classes, preset, _ = load_artifact(artifact)
@@ -142,9 +149,12 @@ def server(tmp_path_factory):
                           ["x", "y", "z"], Preset.plain(16))
     # the raylet waits for its metrics agent; on a busy shared machine the default 30 s can expire
     os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024**2)
+    # replicas' log lines (Serve's access log included) stay in /tmp/ray/session_latest/logs, out of pytest's output
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024**2, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    cfg = dict(classifier=str(art_a), max_batch_size=4, classifier_cpus=0.25, style_weights="random",
+    # fp32, not "auto": answers equal the artifact's own evaluation on any CPU
+    cfg = dict(classifier=str(art_a), max_batch_size=4, classifier_cpus=0.25, classifier_precision="fp32",
+               style_weights="random",
                style_cpus=0.25, max_style_jobs=3, sync_max_size=32 * 32, sync_timeout_s=4.0, max_body_mb=1.0,
                max_pixels=1_000_000, style_max_steps=5000, job_max_attempts=2, job_lease_s=60.0)
     deploy(cfg)
@@ -197,6 +207,7 @@ def replica_actor(deployment):
 # ----------------------------------------------------------------------------- classifier
 
 
+@pytest.mark.slow
 def test_classify_round_trip_raw_and_multipart(server, client):
     red, blue = png((220, 30, 30)), png((30, 30, 220))
     r = client.post("/classify", content=red, headers={"content-type": "image/png"})
@@ -207,15 +218,16 @@ def test_classify_round_trip_raw_and_multipart(server, client):
     assert sum(out["probabilities"].values()) == pytest.approx(1, abs=1e-5)
     # serving equals the artifact's own eval transform + model, computed locally
     for name, p in local_probabilities(server["a"], red).items():
-        assert out["probabilities"][name] == pytest.approx(p, abs=TOLERANCE)
+        assert out["probabilities"][name] == pytest.approx(p, abs=TOLERANCE[None])
     r = client.post("/classify", files={"file": ("b.png", blue, "image/png")})
     assert r.status_code == 200 and r.json()["label"] == "blue"
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["classifier"]["classes"] == ["red", "blue"]
-    assert health["classifier"]["precision"] == str(SERVED_DTYPE or torch.float32).replace("torch.", "")
+    assert health["classifier"]["precision"] == "fp32"
     assert health["classifier"]["max_batch_size"] == 4
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_batched_and_all_answered(client):
     images = [png((220, 30, 30)) if i % 2 else png((30, 30, 220)) for i in range(16)]
     out = [None] * len(images)
@@ -232,7 +244,8 @@ def test_concurrent_requests_are_batched_and_all_answered(client):
     assert [r.json()["label"] for r in out] == ["red" if i % 2 else "blue" for i in range(len(images))]
 
 
-def test_hot_reload_swaps_the_model_without_downtime(server, client):
+@pytest.mark.slow
+def test_hot_reload_swaps_the_model_and_precision_without_downtime(server, client):
     before, _ = replica_actor("ClassifierDeployment")
     red = png((220, 30, 30))
     codes, stop = [], threading.Event()
@@ -245,7 +258,8 @@ def test_hot_reload_swaps_the_model_without_downtime(server, client):
     t = threading.Thread(target=hammer)
     t.start()
     try:
-        deploy(server["cfg"], {"artifact": str(server["b"])})  # only the classifier's user_config changes
+        # only the classifier's user_config changes: a new artifact, and bf16 forced (on any CPU)
+        deploy(server["cfg"], {"artifact": str(server["b"]), "precision": "bf16"})
         deadline = time.time() + 60
         while client.post("/classify", content=red).json()["label"] not in ("x", "y", "z"):
             assert time.time() < deadline, "the new artifact was never served"
@@ -254,23 +268,26 @@ def test_hot_reload_swaps_the_model_without_downtime(server, client):
         stop.set()
         t.join()
     out = client.post("/classify", content=red).json()
-    for name, p in local_probabilities(server["b"], red).items():
-        assert out["probabilities"][name] == pytest.approx(p, abs=TOLERANCE)
+    for name, p in local_probabilities(server["b"], red, torch.bfloat16).items():
+        assert out["probabilities"][name] == pytest.approx(p, abs=TOLERANCE[torch.bfloat16])
     assert codes and set(codes) == {200}, f"requests failed during the swap: {set(codes)}"
     after, _ = replica_actor("ClassifierDeployment")
     assert after == before, "the replica was restarted instead of reconfigured"
     info = client.get("/healthz").json()["classifier"]
-    assert info["classes"] == ["x", "y", "z"] and info["max_batch_size"] == 4  # unchanged knobs kept
-    deploy(server["cfg"], {"artifact": str(server["a"])})  # back to the red/blue model
+    assert info["classes"] == ["x", "y", "z"] and info["precision"] == "bf16"
+    assert info["max_batch_size"] == 4  # unchanged knobs kept
+    deploy(server["cfg"], {"artifact": str(server["a"])})  # back to the red/blue model, in the app's fp32
     deadline = time.time() + 60
     while client.post("/classify", content=red).json()["label"] != "red":
         assert time.time() < deadline
         time.sleep(0.2)
+    assert client.get("/healthz").json()["classifier"]["precision"] == "fp32"
 
 
 # ----------------------------------------------------------------------------- style jobs
 
 
+@pytest.mark.slow
 def test_style_job_lifecycle(client):
     r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 30}))
     assert r.status_code == 202, r.text
@@ -290,6 +307,7 @@ def test_style_job_lifecycle(client):
     assert client.get("/style/jobs/nope/result").status_code == 404
 
 
+@pytest.mark.slow
 def test_style_sync_small_answers_png_and_408_past_the_timeout(client):
     r = client.post("/style", **style_files({"size": [16, 16], "steps": 5}))
     assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
@@ -302,6 +320,7 @@ def test_style_sync_small_answers_png_and_408_past_the_timeout(client):
     assert r.status_code == 422 and "POST /style/jobs" in r.json()["error"]
 
 
+@pytest.mark.slow
 def test_queue_full_gives_503_with_retry_after_at_once(client):
     ids = []
     try:
@@ -324,6 +343,7 @@ def test_queue_full_gives_503_with_retry_after_at_once(client):
     assert wait_job(client, r.json()["id"], lambda j: j["status"] in ("done", "failed"))["status"] == "done"
 
 
+@pytest.mark.slow
 def test_a_job_whose_replica_dies_is_retried_then_marked_failed(client):
     r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 5000}))
     job_id = r.json()["id"]
@@ -351,6 +371,7 @@ def truncated_png() -> bytes:
     return data[: len(data) // 2]
 
 
+PART_HEAD = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
 BAD_CLASSIFY = {
     "non-image bytes": (dict(content=b"this is not an image"), 422),
     "truncated image": (dict(content=truncated_png()), 422),
@@ -361,6 +382,12 @@ BAD_CLASSIFY = {
     "field is text not file": (dict(data={"file": "hello"}, files={"other": ("x", b"1")}), 422),
     "oversized body": (dict(content=b"\0" * (1024 * 1024 + 1)), 413),
     "oversized chunked body": (dict(content=iter([b"\0" * 600_000, b"\0" * 600_000])), 413),
+    # counted while FastAPI's multipart parser reads it: refused mid-stream, not after buffering
+    "oversized chunked multipart": (dict(content=iter([PART_HEAD + b"\0" * 600_000, b"\0" * 600_000, b"\r\n--xyz--\r\n"]),
+                                         headers={"content-type": "multipart/form-data; boundary=xyz"}), 413),
+    "repeated file field": (dict(files=[("file", ("a.png", png((1, 2, 3)))), ("file", ("b.png", png((1, 2, 3))))]), 422),
+    "extra form field": (dict(files={"file": ("a.png", png((1, 2, 3))), "other": ("b", b"1")}), 422),
+    "empty file": (dict(files={"file": ("a.png", b"")}), 400),
     "multipart without parts": (dict(content=b"--xyz\r\nnonsense", headers={"content-type": "multipart/form-data; boundary=xyz"}), 422),
     "multipart without boundary": (dict(content=b"abc", headers={"content-type": "multipart/form-data"}), 400),
 }
@@ -381,6 +408,7 @@ BAD_STYLE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_CLASSIFY))
 def test_bad_classify_input_is_a_4xx_json(client, case):
     kwargs, status = BAD_CLASSIFY[case]
@@ -389,6 +417,7 @@ def test_bad_classify_input_is_a_4xx_json(client, case):
     assert r.json()["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_STYLE))
 def test_bad_style_options_are_a_422(client, case):
     options, status = BAD_STYLE[case]
@@ -397,6 +426,7 @@ def test_bad_style_options_are_a_422(client, case):
     assert r.json()["error"]
 
 
+@pytest.mark.slow
 def test_bad_style_requests_are_4xx(client):
     bad = [
         (dict(**style_files({}, content=b"GIF89a nonsense")), 422),
@@ -414,6 +444,7 @@ def test_bad_style_requests_are_4xx(client):
     assert client.post("/style/jobs/abc").status_code == 405
 
 
+@pytest.mark.slow
 def test_replicas_survive_bad_input(client):
     """After every bad request above, the same replicas still answer correctly."""
     assert client.get("/healthz").json()["status"] == "ok"
@@ -423,15 +454,34 @@ def test_replicas_survive_bad_input(client):
 # ----------------------------------------------------------------------------- page, docs, config, CLI
 
 
-def test_openapi_docs(client):
+def form_schema(spec, path) -> dict:
+    """The multipart form FastAPI generated for POST `path`: {field: schema}, and the required fields."""
+    content = spec["paths"][path]["post"]["requestBody"]["content"]
+    ref = content["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    schema = spec["components"]["schemas"][ref]
+    return schema["properties"], set(schema.get("required", ()))
+
+
+@pytest.mark.slow
+def test_openapi_docs_come_from_the_route_signatures(client):
     spec = client.get("/openapi.json").json()
     for path in ("/classify", "/style/jobs", "/style/jobs/{job_id}", "/style/jobs/{job_id}/result", "/style",
-                 "/healthz"):
+                 "/healthz", "/styles", "/style/fast"):
         assert path in spec["paths"]
-    assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    for path in ("/style/jobs", "/style"):
+        fields, required = form_schema(spec, path)
+        assert set(fields) == {"content", "style", "options"} and required == {"content", "style"}
+        assert fields["content"]["contentMediaType"] == "application/octet-stream"
+    fields, required = form_schema(spec, "/classify")
+    assert set(fields) == {"file"} and required == set()  # the raw body is the other way
+    assert "application/octet-stream" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    fields, _ = form_schema(spec, "/style/fast")
+    assert set(fields) == {"image", "style"}
+    assert [p["name"] for p in spec["paths"]["/style/fast"]["post"]["parameters"]] == ["style"]
     assert client.get("/docs").status_code == 200
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} absent (apt-get install chromium)")
 def test_web_page_in_headless_chromium(server, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
@@ -466,35 +516,107 @@ def test_web_page_in_headless_chromium(server, tmp_path):
             browser.close()
 
 
+@pytest.mark.slow
 def test_config_yaml_is_a_valid_serve_config(server):
     from ray.serve.schema import ServeDeploySchema
 
     raw = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") \
-        else ServeDeploySchema.parse_obj(raw)
+    schema = ServeDeploySchema.model_validate(raw)
     assert schema.http_options.host == "127.0.0.1"
     (application,) = raw["applications"]
     assert application["import_path"] == "serve.app:build_app" and application["route_prefix"] == "/"
+    # every arg lands in the config unchanged (the fixture deploys build_app itself, from such args)
     args = {**application["args"], "classifier": str(server["a"])}
-    assert config_from_dict(args).style_weights == application["args"]["style_weights"]
-    assert build_app(args) is not None
+    cfg = config_from_dict(args)
+    assert {k: getattr(cfg, k) for k in args} == args
+    with pytest.raises(UserError, match="is not a directory"):
+        build_app({**args, "classifier": str(server["tmp"] / "missing")})
+    with pytest.raises(UserError, match="unknown field"):
+        build_app({**args, "batch_size": 3})
 
 
+@pytest.mark.slow
 def test_cli_user_errors_are_one_line(server, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "serve", "--classifier", str(tmp_path / "missing")], capture_output=True,
-                       text=True, env=env, timeout=120, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
-    assert "not a model artifact" in r.stderr
+    for argv, message in ((["--classifier", str(tmp_path / "missing")], "not a model artifact"),
+                          (["--classifier", str(server["a"]), "--max-batch-size", "x"], "invalid int value")):
+        r = subprocess.run([sys.executable, "-m", "serve", *argv], capture_output=True, text=True, env=env,
+                           timeout=120, cwd=ROOT)
+        assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+        assert message in r.stderr
     # the other checks run in-process: main() raises UserError (run_cli prints it) before any Ray starts
-    from jobs.cli import UserError
     from serve.__main__ import main
 
-    with pytest.raises(UserError, match="max_batch_size must be >= 1"):
-        main(["--classifier", str(server["a"]), "--max-batch-size", "0"])
-    with pytest.raises(UserError, match="weights must be imagenet, random or a state-dict file"):
-        main(["--classifier", str(server["a"]), "--style-weights", str(tmp_path / "nope.pt")])
-    with pytest.raises(UserError, match="unknown serve option"):
+    for argv, message in ((["--max-batch-size", "0"], "--max-batch-size must be at least 1"),
+                          (["--classifier-precision", "fp8"], "invalid choice: 'fp8'"),
+                          (["--max-body-mb", "0"], "--max-body-mb must be greater than 0"),
+                          (["--batch-wait-ms", "5", "--batch-wait-timeout-s", "0.1"], "not both"),
+                          (["--style-replicas", "0"], "--style-replicas must be at least 1 with the style pool"),
+                          (["--style-weights", str(tmp_path / "nope.pt")], "weights must be imagenet, random or")):
+        with pytest.raises(UserError, match=message):
+            main(["--classifier", str(server["a"]), *argv])
+    with pytest.raises(UserError, match="classifier artifact directory is required"):
+        main([])
+    with pytest.raises(UserError, match="unknown field"):
         config_from_dict({"classifier": "x", "batch_size": 3})
-    with pytest.raises(UserError, match="classifier_precision must be auto, fp32 or bf16"):
+    with pytest.raises(UserError, match="--classifier-precision must be one of auto, fp32, bf16"):
         config_from_dict({"classifier": "x", "classifier_precision": "fp8"})
+
+
+# ----------------------------------------------------------------------------- without a server
+
+
+def test_every_config_field_is_a_flag():
+    from serve.__main__ import build_cli, config_from
+
+    parser = build_cli()
+    help_text = parser.format_help()
+    for f in dataclasses.fields(ServeConfig):
+        assert "--" + f.name.replace("_", "-") in help_text, f.name
+    cfg = config_from(parser.parse_args(["--classifier", "x", "--batch-wait-ms", "5", "--no-style",
+                                         "--style-replicas", "0", "--job-ttl-s", "7"]))
+    assert (cfg.batch_wait_timeout_s, cfg.style, cfg.style_replicas, cfg.job_ttl_s) == (0.005, False, 0, 7.0)
+    assert cfg == dataclasses.replace(ServeConfig(), classifier="x", batch_wait_timeout_s=0.005, style=False,
+                                      style_replicas=0, job_ttl_s=7.0)  # and nothing else changed
+
+
+# (precision, device, workload, native bf16 CPU) -> autocast dtype (None: fp32), from the table in jobs/precision.py
+PRECISION_TABLE = [
+    ("fp32", "cpu", "classify", True, None),
+    ("fp32", "cuda", "classify", None, None),
+    ("bf16", "cpu", "classify", False, torch.bfloat16),
+    ("bf16", "cuda", "stylize", None, torch.bfloat16),
+    ("auto", "cpu", "classify", False, None),
+    ("auto", "cpu", "classify", True, torch.bfloat16),
+    ("auto", "cuda", "classify", None, torch.float16),
+    ("auto", "cpu", "stylize", False, None),
+    ("auto", "cpu", "stylize", True, torch.bfloat16),
+    ("auto", "cuda", "stylize", None, None),  # the style network was checked in fp32 on GPU, not fp16
+]
+
+
+@pytest.mark.parametrize("precision, device, workload, native, expected", PRECISION_TABLE)
+def test_the_precision_rule_the_replicas_use(precision, device, workload, native, expected):
+    assert precision in PRECISIONS
+    assert autocast_dtype(precision, device, workload, native_bf16=native) is expected
+    assert dtype_name(expected) == {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[expected]
+
+
+def test_errors_from_a_replica_keep_their_answer():
+    from ray.exceptions import RayTaskError
+
+    e = pickle.loads(pickle.dumps(Unavailable("queue full", retry_after=3, job="j1")))  # as Ray ships it
+    assert type(e) is Unavailable and (e.status_code, e.detail, e.extra) == (503, "queue full", {"job": "j1"})
+    wrapped = RayTaskError("classify", "Traceback ...", ApiError(404, "unknown style 'x'")).as_instanceof_cause()
+    for raised, status, body, headers in ((e, 503, {"error": "queue full", "job": "j1"}, {"retry-after": "3"}),
+                                          (wrapped, 404, {"error": "unknown style 'x'"}, {}),
+                                          (RuntimeError("bug"), 500, {"error": "internal error (RuntimeError)"}, {})):
+        response = asyncio.run(json_error(_request(), raised))
+        assert response.status_code == status and json.loads(response.body) == body
+        assert {k: v for k, v in response.headers.items() if k == "retry-after"} == headers
+
+
+def _request():
+    from starlette.requests import Request
+
+    return Request({"type": "http", "method": "POST", "path": "/classify", "headers": [], "query_string": b""})

@@ -1,0 +1,143 @@
+"""The ingress's side of style-transfer jobs: admit one, drive it through the pool, wait for it.
+
+A job's state lives in the job store (serve/job_store.py), its work in a StylePool replica
+(serve/style_pool.py); this holds what only the accepting ingress knows: the images, and the task
+that keeps sending the job to the pool until an attempt ends.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+
+import ray
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from jobs.cli import UserError
+from jobs.config import check_types
+from jobs.images import load_image
+from jobs.style import StyleConfig
+from serve.config import ServeConfig
+from serve.errors import ApiError, Unavailable
+from serve.job_store import get_or_create_store
+
+log = logging.getLogger("ray.serve")
+
+# what a client may set on a style job: every StyleConfig field but these, which the server fixes
+SERVER_FIXED = ("weights", "device", "max_pixels", "channels_last")
+STYLE_OPTIONS = tuple(f.name for f in dataclasses.fields(StyleConfig) if f.name not in SERVER_FIXED)
+
+
+def style_job_config(options: str, cfg: ServeConfig, sync: bool) -> tuple[dict, dict]:
+    """The form's `options` (a JSON object) -> (the client's options, the job's full `StyleConfig` dict);
+    ApiError(422) naming the problem."""
+    try:
+        options = json.loads(options or "{}")
+    except ValueError as e:
+        raise ApiError(422, f"options is not valid JSON: {e}") from None
+    if not isinstance(options, dict):
+        raise ApiError(422, "options must be a JSON object")
+    unknown = sorted(set(options) - set(STYLE_OPTIONS))
+    if unknown:
+        raise ApiError(422, f"unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(STYLE_OPTIONS))}")
+    try:
+        check_types(StyleConfig, options, names="fields")  # before the dataclass coerces them
+        sc = StyleConfig(**{**options, "weights": cfg.style_weights, "device": "cpu", "max_pixels": cfg.max_pixels})
+        sc.validate()
+    except UserError as e:
+        raise ApiError(422, str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise ApiError(422, f"bad options: {e}") from None
+    if sc.steps > cfg.style_max_steps:
+        raise ApiError(422, f"steps {sc.steps} is over this server's limit of {cfg.style_max_steps}")
+    pixels = sc.size[0] * sc.size[1]
+    limit = cfg.sync_max_size if sync else cfg.style_max_size
+    if pixels > limit:
+        hint = "; use POST /style/jobs for larger images" if sync else ""
+        raise ApiError(422, f"size {sc.size[0]}x{sc.size[1]} = {pixels} pixels is over the limit of {limit}{hint}")
+    return options, dataclasses.asdict(sc)
+
+
+class StyleJobs:
+    """Admits jobs (checks, then the store's bounded queue), drives each through the pool, heartbeats."""
+
+    def __init__(self, pool: DeploymentHandle, cfg: ServeConfig):
+        self.pool, self.cfg = pool, cfg
+        limits = (cfg.max_style_jobs, cfg.job_lease_s, cfg.job_ttl_s, cfg.job_max_attempts)
+        self.store = get_or_create_store(cfg.job_store_name, *limits)
+        ray.get(self.store.configure.remote(*limits))  # it may predate this deployment (detached)
+        self.driving: dict[str, asyncio.Task] = {}  # job id -> the task driving it through the pool
+        self.heartbeat: asyncio.Task | None = None
+
+    async def submit(self, content: bytes, style: bytes, options: str, sync: bool) -> str:
+        """Check the job, create it (503 when the queue is full), start driving it; its id."""
+        client_options, job_cfg = style_job_config(options, self.cfg, sync)
+        for name, data in (("content", content), ("style", style)):
+            # decode now, off the event loop: a bad image is a 422 here, not a failed job later
+            await asyncio.to_thread(load_image, data, self.cfg.max_pixels, f"{name} image")
+        made = await self.store.create.remote(client_options, self.cfg.style_replicas)
+        if made.get("full"):
+            raise Unavailable(f"style queue is full ({made['active']} jobs queued or running); retry later",
+                              retry_after=made["retry_after"])
+        job_id = made["id"]
+        self.driving[job_id] = asyncio.create_task(self._drive(job_id, content, style, job_cfg))
+        if self.heartbeat is None or self.heartbeat.done():
+            self.heartbeat = asyncio.create_task(self._heartbeat())
+        return job_id
+
+    async def wait(self, job_id: str) -> bytes:
+        """The PNG of a job once done; 408 (job cancelled) past sync_timeout_s, 422/503 if it failed."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.driving[job_id]), self.cfg.sync_timeout_s)
+        except asyncio.TimeoutError:
+            await self.store.cancel.remote(job_id)
+            raise ApiError(408, f"not finished within {self.cfg.sync_timeout_s:g} s (cancelled); "
+                                "use POST /style/jobs for long jobs", job=job_id) from None
+        except KeyError:  # the drive task already finished and removed itself
+            pass
+        status, png = await self.store.result.remote(job_id)
+        if status == "done":
+            return png
+        job = await self.store.get.remote(job_id) or {}
+        if job.get("error_kind") == "input":
+            raise ApiError(422, job["error"], job=job_id)
+        raise Unavailable(f"style job {status}: {job.get('error')}", job=job_id)
+
+    async def _drive(self, job_id: str, content: bytes, style: bytes, job_cfg: dict) -> None:
+        """Send the job to the pool until an attempt ends; a dead replica means retry (or fail).
+
+        Serve routes each call to a free replica (one job per replica) and queues the rest. If the
+        replica dies mid-job the call raises RayActorError: the store requeues the job with
+        attempt + 1, up to `job_max_attempts`, then marks it failed. The replica itself records
+        done/failed in the store, so this task needs no result.
+        """
+        attempt = 1
+        try:
+            while True:
+                try:
+                    await self.pool.run.remote(job_id, attempt, content, style, job_cfg)
+                    return
+                except (RayActorError, DeploymentUnavailableError) as e:
+                    log.warning("style job %s attempt %d lost its replica: %s", job_id, attempt, type(e).__name__)
+                    if not await self.store.retry.remote(job_id, f"replica died ({type(e).__name__})"):
+                        return
+                    attempt += 1
+                except Exception as e:  # noqa: BLE001 - anything else fails this job only
+                    log.exception("style job %s: unexpected error", job_id)
+                    await self.store.fail.remote(job_id, attempt, f"{type(e).__name__}: {str(e)[:200]}")
+                    return
+        finally:
+            self.driving.pop(job_id, None)
+
+    async def _heartbeat(self) -> None:
+        """Tell the store which jobs this ingress still drives, so only orphans get reaped."""
+        period = max(0.5, min(10.0, self.cfg.job_lease_s / 4))
+        while self.driving:
+            try:
+                await self.store.touch.remote(list(self.driving))
+            except RayActorError:
+                log.warning("job store unreachable")
+            await asyncio.sleep(period)
