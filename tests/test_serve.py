@@ -34,8 +34,6 @@ from serve.app import build_app
 from serve.config import PRECISIONS, ServeConfig, config_from_dict
 from serve.errors import ApiError, Unavailable, json_error
 
-pytestmark = pytest.mark.slow  # the whole module starts Ray
-
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 18010
 URL = f"http://127.0.0.1:{PORT}"
