@@ -33,6 +33,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from jobs import style as S  # noqa: E402
 from jobs.images import load_image  # noqa: E402
+from jobs.vgg import load_vgg  # noqa: E402
 
 # ----------------------------------------------------------------------------- reference (d2l)
 
@@ -305,7 +306,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     content = load_image(args.content)
     style = load_image(args.style)
-    features = S.load_vgg("random", args.seed)
+    features = load_vgg("random", args.seed)
     results = {}
     if os.path.exists(args.out):
         with open(args.out) as f:

@@ -33,8 +33,8 @@ from jobs.paths import is_uri, storage_dir
 from jobs.data import RankShards, load_content_images
 from jobs.images import IMAGENET_MEAN, IMAGENET_STD, load_image
 from jobs.loop import CHECKPOINT_FILE, TrainSetup
-from jobs.style import (RANDOM_WEIGHTS_WARNING, StyleConfig, StyleLosses, Targets, VGGFeatures, gram, load_vgg,
-                        weighted_losses)
+from jobs.style import StyleConfig, StyleLosses, Targets, gram, weighted_losses
+from jobs.vgg import RANDOM_WEIGHTS_WARNING, VGGFeatures, load_vgg
 from jobs.transformer_net import MIN_SIDE, TransformerNet, save_style_model, valid_style_name
 
 @dataclass

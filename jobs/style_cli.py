@@ -21,7 +21,8 @@ from jobs.cli import UserError, init_ray
 from jobs.config import add_options, load_config
 from jobs.images import contact_sheet, load_image
 from jobs.precision import autocast_dtype, dtype_name
-from jobs.style import RANDOM_WEIGHTS_WARNING, StyleConfig, cached_extractor, config_dict, resolve_device, stylize
+from jobs.style import StyleConfig, cached_extractor, config_dict, resolve_device, stylize
+from jobs.vgg import RANDOM_WEIGHTS_WARNING
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.fast_styles and not os.path.isdir(cfg.fast_styles):
         raise UserError(f"--fast-styles {cfg.fast_styles} is not a directory (train one: python -m jobs.fast_style --registry DIR)")
     if cfg.style:
-        from jobs.style import load_vgg
+        from jobs.vgg import load_vgg
 
         load_vgg(cfg.style_weights)  # UserError if the weights are not available here
     print("serve config:", {k: v for k, v in dataclasses.asdict(cfg).items()})

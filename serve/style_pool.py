@@ -17,7 +17,8 @@ import torch
 from ray import serve
 
 from jobs.cli import UserError
-from jobs.style import VGG19_NUM_LAYERS, StyleConfig, build_extractor, load_vgg, resolve_device, stylize
+from jobs.style import StyleConfig, build_extractor, resolve_device, stylize
+from jobs.vgg import VGG19_NUM_LAYERS, load_vgg
 from serve.job_store import get_or_create_store
 
 log = logging.getLogger("ray.serve")

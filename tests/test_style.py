@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from jobs import style as S
+from jobs import vgg as V
 from jobs.cli import UserError
 from jobs.images import ImageInputError, load_image
 
@@ -32,7 +33,7 @@ def make_image(h=40, w=60, seed=0) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def features():
-    return S.load_vgg("random", seed=0)
+    return V.load_vgg("random", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_vgg_forward_backward_shapes(extractor):
 
 
 def test_load_vgg_random_is_seeded():
-    a, b, c = S.load_vgg("random", 0), S.load_vgg("random", 0), S.load_vgg("random", 1)
+    a, b, c = V.load_vgg("random", 0), V.load_vgg("random", 0), V.load_vgg("random", 1)
     assert torch.equal(a[0].weight, b[0].weight) and not torch.equal(a[0].weight, c[0].weight)
 
 
@@ -185,13 +186,13 @@ def test_load_vgg_from_path_full_and_features_keys(tmp_path, features):
     torch.save(full, tmp_path / "full.pth")
     torch.save(features.state_dict(), tmp_path / "features.pth")
     for name in ("full.pth", "features.pth"):
-        loaded = S.load_vgg(str(tmp_path / name))
+        loaded = V.load_vgg(str(tmp_path / name))
         assert torch.equal(loaded[34].weight, features[34].weight)
     torch.save({"0.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(UserError, match="do not fit"):
-        S.load_vgg(str(tmp_path / "bad.pth"))
+        V.load_vgg(str(tmp_path / "bad.pth"))
     with pytest.raises(UserError, match="imagenet, random or a state-dict"):
-        S.load_vgg(str(tmp_path / "missing.pth"))
+        V.load_vgg(str(tmp_path / "missing.pth"))
 
 
 def test_load_vgg_imagenet_from_preseeded_hub_cache(tmp_path, monkeypatch, features):
@@ -200,7 +201,7 @@ def test_load_vgg_imagenet_from_preseeded_hub_cache(tmp_path, monkeypatch, featu
     ckpt.mkdir(parents=True)
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, ckpt / "vgg19-dcbb9e9d.pth")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    loaded = S.load_vgg("imagenet")
+    loaded = V.load_vgg("imagenet")
     assert torch.equal(loaded[0].weight, features[0].weight)
 
 
@@ -213,12 +214,13 @@ def test_load_vgg_imagenet_unavailable_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(UserError, match="vgg19-dcbb9e9d.pth"):
-        S.load_vgg("imagenet")
+        V.load_vgg("imagenet")
 
 
 # ----------------------------------------------------------------------------- optimisation
 
 
+@pytest.mark.slow
 def test_adam_total_loss_falls(extractor):
     records = []
     img, history = S.stylize(make_image(seed=1), make_image(seed=2), tiny_cfg(), extractor, progress=records.append)
@@ -234,11 +236,13 @@ def test_adam_lr_schedule(extractor):
     assert [r["lr"] for r in h] == pytest.approx([0.3, 0.3, 0.24, 0.24, 0.192])
 
 
+@pytest.mark.slow
 def test_lbfgs_path_runs_and_loss_falls(extractor):
     _, h = S.stylize(make_image(seed=1), make_image(seed=2), tiny_cfg(optimizer="lbfgs", steps=10), extractor)
     assert len(h) == 10 and h[-1]["total"] < h[0]["total"]
 
 
+@pytest.mark.slow
 def test_multiscale_path_seeds_next_scale(extractor):
     cfg = tiny_cfg(steps=4, scales=[0.5, 1.0])
     img, h = S.stylize(make_image(seed=1), make_image(seed=2), cfg, extractor)
@@ -257,6 +261,7 @@ def test_noise_init_and_reuse_is_deterministic(extractor):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_bf16_precision_runs(extractor):
     _, h = S.stylize(make_image(seed=1), make_image(seed=2), tiny_cfg(steps=3, precision="bf16"), extractor)
     assert all(np.isfinite(r["total"]) for r in h)
@@ -346,6 +351,7 @@ def test_cli_single_writes_image_curves_json(tmp_path, capsys):
     assert len(result["history"]) == 3 and "warning" in result
 
 
+@pytest.mark.slow
 def test_cli_bad_input_one_line_exit_2(tmp_path):
     make_image().save(tmp_path / "c.png")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -25,7 +25,8 @@ from typing import Any
 from jobs.cli import UserError, init_ray, run_cli
 from jobs.config import load_config
 from jobs.images import contact_sheet, load_image
-from jobs.style import RANDOM_WEIGHTS_WARNING, StyleConfig, cached_extractor, distances, stylize
+from jobs.style import StyleConfig, cached_extractor, distances, stylize
+from jobs.vgg import RANDOM_WEIGHTS_WARNING
 from jobs.style_cli import build_parser as style_parser
 from tune.sweep import (OutputDir, check_restore, format_table, pareto_front, read_sweep_file, sweep_path,
                         trial_concurrency, tune_storage, write_csv)
