@@ -15,7 +15,8 @@ from torch import nn
 
 from jobs.transforms import AugmentSpec, alternating_flip, compose, flip_bits, parse_aug_names
 from jobs.cli import UserError, run_cli
-from jobs.config import RunOptions, build_parser, load_config, option
+from jobs import driver
+from jobs.config import RunOptions, build_parser, option
 from jobs.data import RankShards, iterate_batches, load_image_data
 from jobs.airbench import Lookahead, sgd_param_groups, warmup_decay
 from jobs.loop import Classification, TrainSetup, constant
@@ -192,12 +193,7 @@ def validate(cfg: Config) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    cfg = load_config(Config, args, args.config)
-    validate(cfg)
-    from jobs.driver import run_job
-
-    summary, out = run_job("jobs.augment", cfg, args.address)
+    _, summary, out = driver.run_from_cli("jobs.augment", argv)
     print(f"done: test acc {summary['test_acc']:.3f} after {summary['epochs']} epochs "
           f"({summary['steps']} steps, {summary['train_time_s']:.0f} s of training); "
           f"results in {out}/ (result.json, curves.png, model/, checkpoints)")

@@ -34,6 +34,21 @@ def run_job(job: str | ModuleType, cfg, address: str | None = None) -> tuple[dic
     return fit(job, cfg), run_dir(cfg)
 
 
+def run_from_cli(job: str, argv: list[str] | None = None):
+    """A job entrypoint's whole driver flow: its flags (and `--config FILE`) -> its validated Config
+    (`job.validate`: what the field declarations cannot check) -> `run_job`. Returns (cfg, summary, run dir)."""
+    import importlib
+
+    from jobs.config import load_config
+
+    module = importlib.import_module(job)
+    args = module.parse_args(argv)
+    cfg = load_config(module.Config, args, args.config)
+    module.validate(cfg)
+    summary, out = run_job(job, cfg, args.address)
+    return cfg, summary, out
+
+
 def fit(job: str | ModuleType, cfg, max_failures: int = 3, callbacks: Iterable[Any] = ()) -> dict[str, Any]:
     """Run job module `job` with config `cfg` on Ray Train; write and return `result.json`'s content.
 

@@ -28,7 +28,8 @@ import torch
 
 from jobs.transforms import horizontal_flip
 from jobs.cli import UserError, run_cli
-from jobs.config import RunOptions, build_parser, load_config, option
+from jobs import driver
+from jobs.config import RunOptions, build_parser, option
 from jobs.paths import is_uri, storage_dir
 from jobs.data import RankShards, load_content_images
 from jobs.images import IMAGENET_MEAN, IMAGENET_STD, load_image
@@ -239,6 +240,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--batch-size {cfg.batch_size} is smaller than --num-workers {cfg.num_workers}")
     cfg.style_config().validate()
     load_vgg(cfg.weights, cfg.seed)  # imagenet weights missing offline -> one line now, not on every worker
+    if cfg.weights == "random":
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr, flush=True)
     data = load_content_images(cfg.data, cfg.data_root, cfg.image_size, cfg.limit_train)
     n = len(data.train_x[:cfg.limit_train])
     if n < cfg.num_workers or len(data.test_x) < 1:
@@ -246,17 +249,7 @@ def validate(cfg: Config) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    cfg = load_config(Config, args, args.config)
-    validate(cfg)
-    # the workers write the preview sheets into the run directory and do not run in this directory
-    if not os.path.isabs(cfg.storage_path):
-        cfg = dataclasses.replace(cfg, storage_path=os.path.abspath(os.path.expanduser(cfg.storage_path)))
-    if cfg.weights == "random":
-        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr, flush=True)
-    from jobs.driver import run_job
-
-    summary, out = run_job("jobs.fast_style", cfg, args.address)
+    cfg, summary, out = driver.run_from_cli("jobs.fast_style", argv)
     model_dir = export_model(cfg, summary)
     where = f"; published to {Path(cfg.registry) / cfg.style_name}/" if cfg.registry else ""
     print(f"done: validation loss {summary['test_loss']:.4g} after {summary['epochs']} epochs; results in {out}/ "

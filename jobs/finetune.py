@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from jobs.cli import UserError, run_cli
-from jobs.config import RunOptions, build_parser, load_config, option
+from jobs import driver
+from jobs.config import RunOptions, build_parser, option
 from jobs.data import DOWNLOADS, RankShards, load_image_data
 from jobs.loop import CHECKPOINT_FILE, TrainSetup
 from jobs.models import HEADS, build_model
@@ -295,12 +296,7 @@ def validate(cfg: Config) -> Source:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    cfg = load_config(Config, args, args.config)
-    validate(cfg)
-    from jobs.driver import run_job
-
-    summary, out = run_job("jobs.finetune", cfg, args.address)
+    _, summary, out = driver.run_from_cli("jobs.finetune", argv)
     print(f"done: test acc {summary['test_acc']:.3f} after {summary['epochs']} epochs; "
           f"results in {out}/ (result.json, curves.png, model/, checkpoints)")
     return 0

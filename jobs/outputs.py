@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,27 +39,35 @@ def write_run_files(out: Path, summary: dict[str, Any], state: dict[str, Any]) -
         save_artifact(out / "model", state["model"], meta["arch"], meta["classes"], Preset.from_dict(meta["preset"]), metrics)
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Train loss and train/test accuracy per epoch, as the reference plots them (train/test loss without accuracy)."""
+@contextmanager
+def figure(path: Path | str, size: tuple[float, float] = (6, 4)):
+    """`with figure(path) as ax:` draw on `ax`; on exit a grid, the legend, and the PNG at `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield ax
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Train loss and train/test accuracy per epoch, as the reference plots them (train/test loss without accuracy)."""
     epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
-    if "train_acc" in history[0]:
-        ax.plot(epochs, [h["train_acc"] for h in history], "--", label="train acc")
-        tested = [h for h in history if h.get("test_acc") is not None]  # --eval-every may skip epochs
-        ax.plot([h["epoch"] for h in tested], [h["test_acc"] for h in tested], "-.", marker=".", label="test acc")
-    else:
-        tested = [h for h in history if h.get("test_loss") is not None]
-        ax.plot([h["epoch"] for h in tested], [h["test_loss"] for h in tested], "-.", marker=".", label="test loss")
-    ax.set_xlabel("epoch")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    metric = "acc" if "train_acc" in history[0] else "loss"
+    tested = [h for h in history if h.get(f"test_{metric}") is not None]  # --eval-every may skip epochs
+    with figure(path, (5, 3.5)) as ax:
+        ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+        if metric == "acc":
+            ax.plot(epochs, [h["train_acc"] for h in history], "--", label="train acc")
+        ax.plot([h["epoch"] for h in tested], [h[f"test_{metric}"] for h in tested], "-.", marker=".",
+                label=f"test {metric}")
+        ax.set_xlabel("epoch")
+        ax.set_ylim(bottom=0)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from jobs.cli import UserError, init_ray
 from jobs.config import add_options, load_config
+from jobs.outputs import figure
 from jobs.images import contact_sheet, load_image
 from jobs.precision import autocast_dtype, dtype_name
 from jobs.style import StyleConfig, cached_extractor, config_dict, resolve_device, stylize
@@ -64,22 +65,13 @@ class ProgressBar:
 
 def plot_losses(history: list[dict], path: str) -> None:
     """Loss curves (log scale) of one run: total, content, style, TV against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
     steps = [r["step"] for r in history]
-    for key in ("total", "content", "style", "tv"):
-        ax.plot(steps, [max(r[key], 1e-12) for r in history], label=key)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("weighted loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path) as ax:
+        for key in ("total", "content", "style", "tv"):
+            ax.plot(steps, [max(r[key], 1e-12) for r in history], label=key)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("weighted loss")
 
 
 def run_single(cfg: StyleConfig, content: str, style: str, out: str) -> dict:

@@ -23,6 +23,7 @@ from typing import Any
 from jobs import driver, loop
 from jobs.cli import UserError, init_ray, run_cli
 from jobs.config import load_config
+from jobs.outputs import figure
 from jobs.paths import absolute as absolute_if_local, is_uri
 from tune.sweep import (OutputDir, check_restore, format_table, read_sweep_file, sweep_path, trial_concurrency,
                         tune_storage, write_csv)
@@ -227,27 +228,18 @@ def best_json(row: dict[str, Any], config: dict[str, Any], searched: list[str], 
 
 def plot_lr(rows: list[dict[str, Any]], path: Path, best_id: str | None) -> None:
     """Final test accuracy against learning rate (log x); early-stopped trials as crosses."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for status, marker, label in (("completed", "o", "ran to the end"), ("early-stopped", "x", "stopped early (ASHA)")):
-        pts = [(r["lr"], r[METRIC]) for r in rows if r["status"] == status and r[METRIC] is not None]
-        if pts:
-            ax.scatter(*zip(*pts), marker=marker, s=40, label=label)
-    best = [r for r in rows if r["trial_id"] == best_id]
-    if best:
-        ax.scatter([best[0]["lr"]], [best[0][METRIC]], marker="*", s=200, facecolors="none", edgecolors="red", label="best")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("test accuracy (last epoch run)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path) as ax:
+        for status, marker, label in (("completed", "o", "ran to the end"), ("early-stopped", "x", "stopped early (ASHA)")):
+            pts = [(r["lr"], r[METRIC]) for r in rows if r["status"] == status and r[METRIC] is not None]
+            if pts:
+                ax.scatter(*zip(*pts), marker=marker, s=40, label=label)
+        best = [r for r in rows if r["trial_id"] == best_id]
+        if best:
+            ax.scatter([best[0]["lr"]], [best[0][METRIC]], marker="*", s=200, facecolors="none", edgecolors="red",
+                       label="best")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("test accuracy (last epoch run)")
 
 
 def summarize(results, args, out: OutputDir) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:

@@ -24,6 +24,7 @@ from typing import Any
 
 from jobs.cli import UserError, init_ray, run_cli
 from jobs.config import load_config
+from jobs.outputs import figure
 from jobs.images import contact_sheet, load_image
 from jobs.style import StyleConfig, cached_extractor, distances, stylize
 from jobs.vgg import RANDOM_WEIGHTS_WARNING
@@ -146,32 +147,23 @@ def results_sheet(content, style, rows: list[dict[str, Any]], images: dict[str, 
 
 def plot_front(rows: list[dict[str, Any]], path: Path) -> None:
     """Style distance against content distance (log-log); the front joined and labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
     ok = [r for r in rows if r["content_distance"] is not None]
     rest = [r for r in ok if not r["pareto"]]
     front = sorted((r for r in ok if r["pareto"]), key=lambda r: r["content_distance"])
-    if rest:
-        ax.scatter([r["content_distance"] for r in rest], [r["style_distance"] for r in rest], c="gray", label="dominated")
-    ax.plot([r["content_distance"] for r in front], [r["style_distance"] for r in front], "o-", c="red", label="Pareto front")
-    for r in front:
-        ax.annotate(f"s {r['style_weight']:.2g}, tv {r['tv_weight']:.2g}", (r["content_distance"], r["style_distance"]),
-                    fontsize=7, xytext=(3, 3), textcoords="offset points")
-    positive = all(r["content_distance"] > 0 and r["style_distance"] > 0 for r in ok)
-    if positive:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    ax.set_xlabel("content distance (unweighted, layer 25)")
-    ax.set_ylabel("style distance (unweighted, layers 0 5 10 19 28)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, (6, 4.5)) as ax:
+        if rest:
+            ax.scatter([r["content_distance"] for r in rest], [r["style_distance"] for r in rest], c="gray",
+                       label="dominated")
+        ax.plot([r["content_distance"] for r in front], [r["style_distance"] for r in front], "o-", c="red",
+                label="Pareto front")
+        for r in front:
+            ax.annotate(f"s {r['style_weight']:.2g}, tv {r['tv_weight']:.2g}", (r["content_distance"], r["style_distance"]),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if all(r["content_distance"] > 0 and r["style_distance"] > 0 for r in ok):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_xlabel("content distance (unweighted, layer 25)")
+        ax.set_ylabel("style distance (unweighted, layers 0 5 10 19 28)")
 
 
 def summarize(results, saved: dict[str, Any], out: OutputDir) -> list[dict[str, Any]]:
