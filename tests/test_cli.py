@@ -25,7 +25,8 @@ def test_augment_help_lists_every_flag():
     (["--data", "/no/such/dir"], "dataset not found"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--data", "synthetic:64", "--storage-path", "/proc/forbidden"], "not writable"),
-    (["--data", "synthetic:64", "--num-workers", "64"], "need 64 CPUs"),
+    pytest.param(["--data", "synthetic:64", "--num-workers", "64"], "need 64 CPUs",
+                 marks=pytest.mark.slow),  # the resource check starts Ray
 ])
 def test_augment_bad_input_is_one_line(args, message, tmp_path):
     r = run("jobs.augment", "--storage-path", str(tmp_path), "--data-root", str(tmp_path), *args)
@@ -34,6 +35,7 @@ def test_augment_bad_input_is_one_line(args, message, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_preview_writes_grid(tmp_path):
     from PIL import Image
     img = tmp_path / "img.png"
@@ -48,8 +50,10 @@ def test_preview_writes_grid(tmp_path):
 
 @pytest.mark.parametrize("module,config", [("jobs.augment", "jobs.augment:Config"),
                                            ("jobs.finetune", "jobs.finetune:Config"),
-                                           ("jobs.fast_style", "jobs.fast_style:Config"),
-                                           ("jobs.style", "jobs.style:StyleConfig"),
+                                           pytest.param("jobs.fast_style", "jobs.fast_style:Config",
+                                                        marks=pytest.mark.slow),  # ~6 s each: heavier imports
+                                           pytest.param("jobs.style", "jobs.style:StyleConfig",
+                                                        marks=pytest.mark.slow),
                                            ("serve", "serve.config:ServeConfig")])
 def test_help_documents_every_config_field(module, config):
     """Each config field is declared once (jobs/config.py) and becomes a documented flag."""

@@ -24,6 +24,8 @@ from PIL import Image
 from jobs.artifact import load_artifact
 from jobs.data import make_synthetic
 
+pytestmark = pytest.mark.slow  # the whole module starts Ray
+
 ROOT = Path(__file__).resolve().parents[1]
 LR_GRID = (0.01, 0.05)
 

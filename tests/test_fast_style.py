@@ -179,6 +179,7 @@ def run_cli(*args):
                           env=env, timeout=120, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_cli_user_errors_are_one_line(tmp_path):
     r = run_cli("--style", str(tmp_path / "missing.jpg"), "--data", "synthetic:8")
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1

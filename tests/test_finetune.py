@@ -238,6 +238,7 @@ def test_batched_preset_matches_the_serving_transform(preset, tmp_path):
 
 # ----------------------------------------------------------------------------- command line
 
+@pytest.mark.slow
 def test_help_and_a_bad_input_from_the_shell(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "jobs.finetune", *a], cwd=ROOT, capture_output=True,  # noqa: E731
                                     text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "disabled"})

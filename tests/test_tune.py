@@ -85,6 +85,7 @@ def kill_trial_after_first_epoch(sweep, trial_suffix):
     return kill_when(find, poll_s=0.05)
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(local_ray, tmp_path):
     # 1024 training images in batches of 32: an epoch is long enough to be killed in
     argv = [*TINY, "--data", "synthetic:1024", "--data-root", local_ray["data_root"], "--num-samples", "2",
