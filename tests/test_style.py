@@ -267,6 +267,7 @@ def test_bf16_precision_runs(extractor):
     assert all(np.isfinite(r["total"]) for r in h)
 
 
+@pytest.mark.slow
 def test_distances_unweighted(extractor):
     content, style = make_image(seed=1), make_image(seed=2)
     d = S.distances(content, content, style, extractor, size=TINY)
