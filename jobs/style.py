@@ -55,6 +55,11 @@ class StyleLosses:
 class StyleConfig(StyleLosses):
     """One style-transfer run. Defaults are the reference recipe (SPEC.md section 3)."""
 
+    # not fields (no annotation): limits `validate` applies
+    MAX_SCALES = 4  # coarse-to-fine passes
+    MAX_LAYERS = 16  # per loss (content, style)
+    VGG19_POOLS = (4, 9, 18, 27, 36)  # max-pool indices of VGG-19 `features`
+
     size: list[int] = option([300, 450], "working size H W of the last scale", min=1, metavar="N")
     scales: list[float] = option([1.0], "coarse-to-fine fractions of --size, e.g. 0.5 1", above=0, max=1)
     steps: int = option(500, "per scale: Adam steps, or L-BFGS loss evaluations (at most)", min=0)
@@ -87,10 +92,24 @@ class StyleConfig(StyleLosses):
             raise UserError(f"size {self.size[0]}x{self.size[1]} is over the pixel limit {self.max_pixels}")
         if not self.scales:
             raise UserError(f"scales must be fractions in (0, 1], got {self.scales}")
-        if any(min(round(h * s) for h in self.size) < 1 for s in self.scales):
-            raise UserError(f"scales {self.scales} make the image smaller than one pixel at size {self.size}")
-        check_layers(self.content_layers, "content")
-        check_layers(self.style_layers, "style")
+        if len(self.scales) > self.MAX_SCALES:
+            raise UserError(f"scales has {len(self.scales)} entries; at most {self.MAX_SCALES}")
+        if len(set(self.scales)) != len(self.scales):
+            raise UserError(f"scales must not repeat a value, got {self.scales}")
+        for what, layers in (("content", self.content_layers), ("style", self.style_layers)):
+            check_layers(layers, what)
+            if len(layers) > self.MAX_LAYERS:
+                raise UserError(f"{what}_layers has {len(layers)} entries; at most {self.MAX_LAYERS}")
+            if len(set(layers)) != len(layers):
+                raise UserError(f"{what}_layers must not repeat a layer, got {layers}")
+        # each max pool up to the deepest layer halves the image, and the TV loss needs 2 pixels a side
+        deepest = max(self.content_layers + self.style_layers)
+        min_side = max(2, 2 ** sum(1 for p in self.VGG19_POOLS if p <= deepest))
+        for s in self.scales:
+            side = min(max(1, round(v * s)) for v in self.size)  # as stylize sizes each scale
+            if side < min_side:
+                raise UserError(f"size {self.size} at scale {s:g} has a side of {side} pixels; VGG-19 up to layer "
+                                f"{deepest} needs at least {min_side}")
         return self
 
 

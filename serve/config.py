@@ -54,6 +54,10 @@ class ServeConfig:
     max_style_jobs: int = option(16, "queued + running style jobs beyond which submissions get 503 + Retry-After",
                                  min=1)
     style_max_steps: int = option(2000, "most steps a job may ask for", min=1)
+    style_max_work: int = option(50_000, "most steps x scales x distinct VGG layers a job may ask for (the work "
+                                 "bound of one job)", min=1)
+    style_max_lbfgs_mb: float = option(2048.0, "most memory in MiB a job's L-BFGS history may take (2 x "
+                                       "lbfgs_history x 3 x H x W float32)", above=0)
     style_max_size: int = option(1024 * 1024, "largest H*W of a job's working size", min=1)
     sync_max_size: int = option(128 * 128, "largest H*W on the synchronous POST /style", min=1)
     sync_timeout_s: float = option(60.0, "POST /style answers 408 (and cancels the job) past this", above=0)

@@ -35,9 +35,11 @@ def style_job_config(options: str, cfg: ServeConfig, sync: bool) -> tuple[dict, 
     """The form's `options` (a JSON object) -> (the client's options, the job's full `StyleConfig` dict);
     ApiError(422) naming the problem."""
     try:
-        options = json.loads(options or "{}")
+        options = json.loads(options or "{}", parse_constant=_refuse_constant)
     except ValueError as e:
         raise ApiError(422, f"options is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(422, "options is nested too deeply") from None
     if not isinstance(options, dict):
         raise ApiError(422, "options must be a JSON object")
     unknown = sorted(set(options) - set(STYLE_OPTIONS))
@@ -53,12 +55,27 @@ def style_job_config(options: str, cfg: ServeConfig, sync: bool) -> tuple[dict, 
         raise ApiError(422, f"bad options: {e}") from None
     if sc.steps > cfg.style_max_steps:
         raise ApiError(422, f"steps {sc.steps} is over this server's limit of {cfg.style_max_steps}")
+    work = sc.steps * len(sc.scales) * len(set(sc.content_layers + sc.style_layers))
+    if work > cfg.style_max_work:
+        raise ApiError(422, f"steps x scales x layers = {sc.steps} x {len(sc.scales)} x "
+                            f"{len(set(sc.content_layers + sc.style_layers))} = {work} is over this server's limit "
+                            f"of {cfg.style_max_work}; ask for fewer steps, scales or layers")
+    if sc.optimizer == "lbfgs":  # L-BFGS keeps 2 x history copies of the image's float32 pixels
+        mb = 2 * sc.lbfgs_history * 3 * sc.size[0] * sc.size[1] * 4 / 2**20
+        if mb > cfg.style_max_lbfgs_mb:
+            raise ApiError(422, f"lbfgs_history {sc.lbfgs_history} at size {sc.size[0]}x{sc.size[1]} needs "
+                                f"{mb:.0f} MiB, over this server's limit of {cfg.style_max_lbfgs_mb:g} MiB")
     pixels = sc.size[0] * sc.size[1]
     limit = cfg.sync_max_size if sync else cfg.style_max_size
     if pixels > limit:
         hint = "; use POST /style/jobs for larger images" if sync else ""
         raise ApiError(422, f"size {sc.size[0]}x{sc.size[1]} = {pixels} pixels is over the limit of {limit}{hint}")
     return options, dataclasses.asdict(sc)
+
+
+def _refuse_constant(name: str):
+    """json's parse_constant: NaN, Infinity and -Infinity are not numbers an option may hold."""
+    raise ValueError(f"{name} is not a finite number")
 
 
 class StyleJobs:

@@ -406,6 +406,61 @@ BAD_STYLE = {
 }
 
 
+# issue 15: options that reached the replica (or crashed the ingress) before; raw JSON text, as a client sends it
+HOSTILE_OPTIONS = {
+    "NaN size": '{"size": [NaN, 64]}',
+    "Infinity layer": '{"content_layers": [Infinity]}',
+    "-Infinity lr": '{"lr": -Infinity}',
+    "NaN lr_gamma": '{"lr_gamma": NaN}',
+    "nested deeply": '{"size": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    "huge integer": '{"steps": 1' + "0" * 5000 + "}",
+    "lr_decay_steps 0": '{"lr_decay_steps": 0}',
+    "lbfgs_history 0": '{"optimizer": "lbfgs", "lbfgs_history": 0}',
+    "lbfgs_history negative": '{"optimizer": "lbfgs", "lbfgs_history": -5}',
+    "lbfgs_history huge": '{"optimizer": "lbfgs", "lbfgs_history": 1500000000}',
+    "lbfgs history memory": '{"optimizer": "lbfgs", "lbfgs_history": 1000, "size": [1000, 1000], "steps": 1}',
+    "seed over 2^63": '{"seed": 9223372036854775808, "init": "noise"}',
+    "seed over 2^64": '{"seed": 18446744073709551617, "init": "noise"}',
+    "thin size": '{"size": [8, 2048]}',
+    "scale under VGG minimum": '{"size": [64, 64], "scales": [0.2]}',
+    "deep layer at 16 px": '{"size": [16, 16], "style_layers": [36]}',
+    "duplicate scales": '{"size": [16, 16], "scales": [1, 1]}',
+    "too many scales": json.dumps({"scales": [1] * 5000}),
+    "five distinct scales": '{"size": [512, 512], "scales": [0.2, 0.4, 0.6, 0.8, 1]}',
+    "duplicate style layers": json.dumps({"style_layers": [28] * 12000}),
+    "duplicate content layers": '{"content_layers": [25, 25]}',
+    "too many layers": json.dumps({"style_layers": list(range(17))}),
+    "total work": '{"size": [32, 32], "steps": 5000, "scales": [0.5, 1]}',
+    "size a string list": '{"size": ["16", "16"]}',
+    "options a string": '"{}"',
+    "options null": "null",
+}
+
+
+def test_hostile_style_options_are_a_422_before_any_queue():
+    """The ingress's checks (no Ray): each hostile option set is an ApiError(422) naming the problem."""
+    from serve.style_jobs import style_job_config
+
+    cfg = ServeConfig(classifier="x", style_weights="random", style_max_steps=5000, style_max_work=50_000)
+    for case, options in HOSTILE_OPTIONS.items():
+        with pytest.raises(ApiError) as caught:
+            style_job_config(options, cfg, sync=False)
+        assert caught.value.status_code == 422 and caught.value.detail, case
+    # the limits still let every ordinary job through
+    for options in ('{"size": [16, 16], "steps": 30}', '{"size": [64, 64], "scales": [0.25, 1]}',
+                    '{"optimizer": "lbfgs", "size": [300, 450]}', '{"size": [16, 16], "style_layers": [0, 5, 10, 19, 28]}'):
+        style_job_config(options, cfg, sync=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(HOSTILE_OPTIONS))
+@pytest.mark.parametrize("route", ["/style/jobs", "/style"])
+def test_hostile_style_options_are_a_4xx_json_live(client, case, route):
+    r = client.post(route, files=style_files()["files"], data={"options": HOSTILE_OPTIONS[case]})
+    assert 400 <= r.status_code < 500, r.text
+    assert r.headers["content-type"] == "application/json" and isinstance(r.json()["error"], str)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_CLASSIFY))
 def test_bad_classify_input_is_a_4xx_json(client, case):
