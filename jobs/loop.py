@@ -16,7 +16,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,21 @@ from jobs.budget import StepPlan
 
 CHECKPOINT_FILE = "checkpoint.pt"
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+class Task(Protocol):
+    """What a job trains for: the loss of a batch, in training and at evaluation, and its metrics."""
+
+    metrics: tuple[str, ...]  # the names of the sums loss/evaluate return, reported as train_/test_<name> means
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(mean loss, {metric: SUM over the batch's examples}) for prepared inputs x and labels y."""
+
+    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """As `loss`, for the test set (no grad; e.g. with test-time augmentation)."""
+
+    def after_epoch(self, model: nn.Module, epoch: int) -> None:
+        """On rank 0 after each epoch's evaluation, with the unwrapped model: a per-epoch by-product."""
 
 
 class Classification:
@@ -66,8 +81,7 @@ class TrainSetup:
     `train_batches(epoch)` yields this rank's shard of the training set for that epoch (reshuffled
     per epoch) and `test_batches()` its shard of the test set, as raw (images, labels) on the device;
     `prepare(images, train, generator)` turns raw images into the model's input (augmented when
-    train=True). `task` has `loss` and `evaluate`: (model, x, labels) -> (mean loss, {metric: SUM
-    over the batch}), its `metrics` names and `after_epoch(model, epoch)` (rank 0). `schedule` maps
+    train=True). `task` says what is learnt (`Task`; default `Classification()`). `schedule` maps
     progress in [0, 1] over the planned steps to the lr multiplier of every parameter group;
     `averager` (`Lookahead`) averages weights after every step. `meta` goes into every checkpoint.
     """
@@ -78,7 +92,7 @@ class TrainSetup:
     test_batches: Callable[[], Batches]
     steps_per_epoch: int
     prepare: Callable[[torch.Tensor, bool, torch.Generator | None], torch.Tensor]
-    task: Any = field(default_factory=Classification)
+    task: Task = field(default_factory=Classification)
     schedule: Callable[[float], float] = constant
     averager: Lookahead | None = None
     meta: dict[str, Any] = field(default_factory=dict)

@@ -87,8 +87,8 @@ def kill_trial_after_first_epoch(sweep, trial_suffix):
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(local_ray, tmp_path):
-    # 1024 training images in batches of 32: an epoch is long enough to be killed in
-    argv = [*TINY, "--data", "synthetic:1024", "--data-root", local_ray["data_root"], "--num-samples", "2",
+    # 512 training images in batches of 32: an epoch of 16 steps, long enough to be killed in
+    argv = [*TINY, "--data", "synthetic:512", "--data-root", local_ray["data_root"], "--num-samples", "2",
             "--scheduler", "none", "--max-failures", "0", "--storage-path", str(tmp_path), "--name", "resume"]
     killed = kill_trial_after_first_epoch(tmp_path / "resume", "00001")
     assert lr.main(argv) == 1
