@@ -21,6 +21,7 @@ are refused before they are read (serve/body_limit.py).
 import dataclasses
 import os
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -69,6 +70,12 @@ def known(job_id: str, found: Any) -> Any:
     if found is None:
         raise ApiError(404, f"no style job {job_id!r} (unknown or expired)")
     return found
+
+
+def style_headers(name: str, ms: float) -> dict[str, str]:
+    """The headers of a POST /style/fast answer. Header values are Latin-1 on the wire, a style name
+    may be any letters: X-Style is its UTF-8 percent-encoded (an ASCII name stays as it is)."""
+    return {"X-Style": quote(name, safe="-_."), "X-Inference-Ms": f"{ms:.1f}"}
 
 
 @serve.deployment(max_ongoing_requests=256)
@@ -189,8 +196,7 @@ class Ingress:
         if not name:
             raise ApiError(422, "name a style: ?style=NAME or the form field 'style' (GET /styles lists them)")
         out = await answer("style networks", fast.options(multiplexed_model_id=name).stylize.remote(data))
-        return Response(out["png"], media_type="image/png",
-                        headers={"X-Style": name, "X-Inference-Ms": f"{out['ms']:.1f}"})
+        return Response(out["png"], media_type="image/png", headers=style_headers(name, out["ms"]))
 
     def _fast(self) -> DeploymentHandle:
         if self.fast is None:

@@ -85,10 +85,13 @@ class FastStylePool:
     def _decode(self, data: bytes):
         """Bytes -> PIL RGB image, its longer side at most max_side (aspect kept); 422 if unusable."""
         img = load_image(data, self.max_pixels, "image")
-        if min(img.size) < MIN_SIDE:
-            raise ApiError(422, f"image is {img.size[0]}x{img.size[1]}; both sides must be >= {MIN_SIDE} pixels")
+        w, h = img.size
         if max(img.size) > self.max_side:  # the activations grow with the pixels
             img.thumbnail((self.max_side, self.max_side))
+        if min(img.size) < MIN_SIDE:  # after the resize: a thin image gets thinner
+            scaled = f" (scaled to {img.size[0]}x{img.size[1]} for the longer side of {self.max_side})" \
+                if img.size != (w, h) else ""
+            raise ApiError(422, f"image is {w}x{h}{scaled}; both sides must be >= {MIN_SIDE} pixels")
         return img
 
     def _forward(self, model: torch.nn.Module, img) -> dict:

@@ -247,7 +247,7 @@ def test_unknown_style_is_a_404_json(server):
     assert server.get("/styles/nope/image").status_code == 404
 
 
-@pytest.mark.parametrize("case", ["empty", "garbage", "tiny", "no-style", "wrong-field"])
+@pytest.mark.parametrize("case", ["empty", "garbage", "tiny", "thin", "no-style", "wrong-field"])
 @pytest.mark.slow
 def test_bad_requests_are_4xx_json_and_the_replica_survives(server, case):
     if case == "empty":
@@ -256,6 +256,8 @@ def test_bad_requests_are_4xx_json_and_the_replica_survives(server, case):
         r, want = server.post("/style/fast?style=tiny", content=b"not an image"), 422
     elif case == "tiny":
         r, want = server.post("/style/fast?style=tiny", content=image_bytes((3, 40))), 422
+    elif case == "thin":  # 5000x5 scaled to the longer side of 1024 first: 1024x1, under MIN_SIDE
+        r, want = server.post("/style/fast?style=tiny", content=image_bytes((5000, 5))), 422
     elif case == "no-style":
         r, want = server.post("/style/fast", content=image_bytes()), 422
     else:
@@ -271,6 +273,20 @@ def test_a_newly_published_style_is_served_without_restart(trained, server):
     assert [s["name"] for s in server.get("/styles").json()["styles"]] == ["second", "tiny"]
     r = server.post("/style/fast?style=second", content=image_bytes((19, 29)))
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (19, 29)
+
+
+@pytest.mark.slow
+def test_a_style_named_in_any_letters_is_served_with_an_encoded_header(trained, server):
+    from urllib.parse import unquote
+
+    name = "風景-café"
+    shutil.copytree(trained / "styles" / "tiny", trained / "styles" / name)
+    try:
+        r = server.post("/style/fast", params={"style": name}, content=image_bytes((19, 29)))
+        assert r.status_code == 200, r.text
+        assert r.headers["x-style"].isascii() and unquote(r.headers["x-style"]) == name
+    finally:
+        shutil.rmtree(trained / "styles" / name)
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} absent (apt-get install chromium)")

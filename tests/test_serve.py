@@ -669,6 +669,18 @@ def test_errors_from_a_replica_keep_their_answer():
         assert {k: v for k, v in response.headers.items() if k == "retry-after"} == headers
 
 
+def test_the_style_header_is_ascii_for_any_style_name():
+    from urllib.parse import unquote
+
+    from serve.app import style_headers
+
+    assert style_headers("tiny", 3.14159) == {"X-Style": "tiny", "X-Inference-Ms": "3.1"}
+    for name in ("風景", "café", "Звезда_1", "a.b-c"):
+        value = style_headers(name, 1.0)["X-Style"]
+        value.encode("latin-1")  # what Starlette does with a header value
+        assert value.isascii() and unquote(value) == name
+
+
 def _request():
     from starlette.requests import Request
 
