@@ -198,14 +198,14 @@ def train_one_epoch(model: nn.Module, setup: TrainSetup, epoch: int, steps: Step
         if steps.done(step):
             break
         for group, lr in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = lr * setup.schedule(step / steps.total)
+            group["lr"] = lr * setup.schedule(steps.progress(step))
         x = setup.prepare(images, True, generator)
         with amp.autocast():
             loss, batch = task.loss(model, x, labels)
         amp.step(loss, optimizer)
         steps.observe(step)
         if setup.averager is not None:
-            setup.averager.update(setup.model, step, (step + 1) / steps.total)
+            setup.averager.update(setup.model, step, steps.progress(step + 1))
         add_sums(sums, {"loss": loss.detach().float() * len(labels), **batch, "count": len(labels)})
         step += 1
         if log is not None:
