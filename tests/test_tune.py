@@ -212,3 +212,21 @@ def test_trial_status_from_tune_results():
                          ["lr"])
     assert [(r["trial_id"], r["status"], r["epochs"]) for r in rows] == [
         ("a", "completed", 3), ("c", "unfinished", 2), ("b", "early-stopped", 1), ("d", "error", 1)]
+
+
+def test_default_workers_fit_the_cluster_and_the_flag_keeps_its_meaning(tmp_path):
+    """Laptop defaults: 2 default workers + a driver do not fit 2 CPUs, so trials run as 1 worker (and say
+    so); the same with --num-workers 2 given, or a config file that sets it, is left as asked."""
+    args, _, base = lr.parse_args(["--job", "augment", "--data", "synthetic"])
+    assert base.num_workers == 2 and not args.workers_given
+    line = lr.fit_workers_to_cluster(base, 1.0, {"CPU": 2.0}, args.workers_given)
+    assert base.num_workers == 1 and "running each trial as 1 worker" in line and "--num-workers" in line
+    _, _, roomy = lr.parse_args(["--job", "augment", "--data", "synthetic"])
+    assert lr.fit_workers_to_cluster(roomy, 1.0, {"CPU": 3.0}, False) is None and roomy.num_workers == 2
+    args, _, base = lr.parse_args(["--job", "augment", "--data", "synthetic", "--num-workers", "2"])
+    assert args.workers_given and lr.fit_workers_to_cluster(base, 1.0, {"CPU": 2.0}, True) is None
+    assert base.num_workers == 2
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"config": {"num_workers": 2}}))
+    args, _, base = lr.parse_args(["--job", "augment", "--data", "synthetic", "--config", str(config)])
+    assert args.workers_given

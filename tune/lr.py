@@ -71,6 +71,40 @@ def trial_resources(base, driver_cpus: float) -> dict[str, float]:
     return {"CPU": driver_cpus, "GPU": 0}
 
 
+def fit_workers_to_cluster(base, driver_cpus: float, have: dict[str, float], explicit: bool) -> str | None:
+    """Laptop defaults: when the user did not choose the workers (no --num-workers, flag or config
+    file) and one trial of the default `base.num_workers` workers + its driver does not fit the
+    cluster (`have`: ray.cluster_resources()), run each trial as one worker (the trial process
+    itself, no driver to reserve). Sets base.num_workers; returns the line to print, or None when
+    nothing changed. An explicit --num-workers keeps its meaning (a trial that does not fit fails
+    with trial_concurrency's one-line error)."""
+    if explicit or base.num_workers == 1:
+        return None
+    need_cpu = base.num_workers * base.cpus_per_worker + driver_cpus
+    need_gpu = base.num_workers if base.use_gpu else 0
+    cpu, gpu = have.get("CPU", 0), have.get("GPU", 0)
+    if cpu >= need_cpu and gpu >= need_gpu:
+        return None
+    workers = base.num_workers
+    base.num_workers = 1
+    return (f"trials: {workers} workers x {base.cpus_per_worker} CPU + {driver_cpus:g} for the trial driver need "
+            f"{need_cpu:g} CPUs{f' and {need_gpu} GPUs' if need_gpu else ''} but the Ray cluster has {cpu:g}"
+            f"{f' and {gpu:g} GPUs' if need_gpu else ''}: running each trial as 1 worker (the trial process); "
+            f"set --num-workers to choose")
+
+
+def num_workers_given(job_args) -> bool:
+    """Whether the user chose the workers: --num-workers, or a --config file that sets num_workers."""
+    if getattr(job_args, "num_workers", None) is not None:
+        return True
+    if getattr(job_args, "config", None):
+        with open(job_args.config) as fh:  # load_config has read and checked it already
+            loaded = json.load(fh)
+        loaded = loaded["config"] if isinstance(loaded.get("config"), dict) else loaded
+        return "num_workers" in loaded
+    return False
+
+
 # ----------------------------------------------------------------------------- command line
 
 def sweep_parser() -> argparse.ArgumentParser:
@@ -114,7 +148,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Any, Any]:
         print(f"\njob flags (python -m jobs.{args.job}), applied to every trial:")
         job.parse_args(["--help"])
     job_args = job.parse_args(rest)  # an unknown flag: argparse's one-line error, exit 2
-    return args, job, load_config(job.Config, job_args, job_args.config)
+    base = load_config(job.Config, job_args, job_args.config)
+    args.workers_given = num_workers_given(job_args)
+    return args, job, base
 
 
 def search_space(args, job_name: str) -> dict[str, Any]:
@@ -285,9 +321,15 @@ def main(argv=None) -> int:
         space = search_space(args, args.job)
         base = prepare_base(base, job)
     init_ray(args.address)
+    if not restore and driver.resource_wait_s() <= 0:  # an autoscaling cluster may still grow: leave it be
+        import ray
+
+        resized = fit_workers_to_cluster(base, args.driver_cpus, ray.cluster_resources(), args.workers_given)
+        if resized:
+            print(resized, flush=True)
     tuner = build_tuner(args, base, path, restore, None if restore else space)
     if not restore:
-        sweep = {k: v for k, v in vars(args).items() if k != "help"}
+        sweep = {k: v for k, v in vars(args).items() if k not in ("help", "workers_given")}
         print("sweep:", sweep, flush=True)
         print("base config:", dataclasses.asdict(base), flush=True)
         (out / "sweep.json").write_text(json.dumps({"job": args.job, "base": dataclasses.asdict(base), "sweep": sweep},
