@@ -20,20 +20,33 @@ from jobs.cli import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_PIXELS = 40_000_000  # default limit of load_image: a 40 MP photo decodes to 120 MB of RGB
+# the formats load_image decodes by default: what people send. Pillow knows many more (EPS runs
+# Ghostscript, others have had decoder bugs); each one refused is code an upload cannot reach.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 class ImageInputError(UserError):
     """An input image that cannot be used (missing, not an image, empty, too many pixels).
 
-    A `UserError`, so the CLI prints one line; an HTTP front end answers it with a 4xx.
+    A `UserError`, so the CLI prints one line; an HTTP front end answers it with `status`.
     """
 
+    status = 422
 
-def load_image(source, max_pixels: int = MAX_PIXELS, name: str = "image") -> Image.Image:
+
+class UnsupportedImageFormat(ImageInputError):
+    """An image in a format Pillow knows but `load_image` was not asked to decode (415 over HTTP)."""
+
+    status = 415
+
+
+def load_image(source, max_pixels: int = MAX_PIXELS, name: str = "image",
+               formats: Sequence[str] | None = IMAGE_FORMATS) -> Image.Image:
     """Open a path, bytes or PIL image as RGB, refusing bad input before decoding it.
 
     The pixel count is read from the header, so a decompression bomb (a small file that
-    decodes to gigapixels) is refused without allocating its pixels.
+    decodes to gigapixels) is refused without allocating its pixels. Only `formats` (Pillow's
+    names; None: any) are opened: another format Pillow recognises is `UnsupportedImageFormat`.
     """
     if isinstance(source, Image.Image):
         img = source
@@ -46,10 +59,15 @@ def load_image(source, max_pixels: int = MAX_PIXELS, name: str = "image") -> Ima
                 raise ImageInputError(f"{name} not found: {path}")
             fp, label = path, f"{name} {path}"
         try:
-            img = Image.open(fp)
+            img = Image.open(fp, formats=list(formats) if formats is not None else None)
         except Image.DecompressionBombError:
             raise ImageInputError(f"{label} has too many pixels (decompression bomb?)") from None
-        except (Image.UnidentifiedImageError, OSError, ValueError) as e:
+        except Image.UnidentifiedImageError:
+            other = _known_format(fp) if formats is not None else None
+            if other is not None and other not in formats:
+                raise UnsupportedImageFormat(f"{label} is {other}; accepted formats: {', '.join(formats)}") from None
+            raise ImageInputError(f"{label} is not a readable image (UnidentifiedImageError)") from None
+        except (OSError, ValueError) as e:
             raise ImageInputError(f"{label} is not a readable image ({type(e).__name__})") from None
     w, h = img.size
     if w <= 0 or h <= 0:
@@ -60,6 +78,25 @@ def load_image(source, max_pixels: int = MAX_PIXELS, name: str = "image") -> Ima
         return img.convert("RGB")  # decodes; a truncated file fails here
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageInputError(f"{name} cannot be decoded ({type(e).__name__}: {e})") from None
+
+
+def _known_format(fp) -> str | None:
+    """The Pillow format whose signature check accepts the file's first bytes, or None. Only the
+    plugins' `accept` functions run (a look at the magic bytes), never a decoder."""
+    if isinstance(fp, str):
+        with open(fp, "rb") as f:
+            prefix = f.read(16)
+    else:
+        fp.seek(0)
+        prefix = fp.read(16)
+    Image.init()
+    for fmt, (_, accept) in Image.OPEN.items():
+        try:
+            if accept is not None and accept(prefix):
+                return fmt
+        except Exception:  # noqa: BLE001 - a plugin's check that cannot judge 16 bytes says nothing
+            continue
+    return None
 
 
 def decode_pixels(raw: bytes, name: str, image_size: int | None = None, fit: str = "stretch") -> np.ndarray:

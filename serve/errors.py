@@ -4,8 +4,9 @@ Every answer other than 2xx is `{"error": message, **extra}`. Code raises `ApiEr
 message)` where it finds the problem, in the ingress or inside a model replica: Serve hands an
 exception raised in a replica to its caller as a `RayTaskError` (an instance of the original class
 too), which `json_error` unwraps. A bad image (`ImageInputError`, from jobs.images) is a 422
-wherever it is raised. Serve's own overload and failure errors on a call from the ingress to a
-replica become 503 + Retry-After in `answer`.
+wherever it is raised, an image in a format not accepted (`UnsupportedImageFormat`) a 415. Serve's
+own overload and failure errors on a call from the ingress to a replica become 503 + Retry-After in
+`answer`.
 """
 from __future__ import annotations
 
@@ -69,8 +70,8 @@ async def json_error(request: Request, e: Exception) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
         return error_response(422, f"{where}: {first.get('msg', 'invalid request')}")
-    if isinstance(e, ImageInputError):
-        return error_response(422, str(e))
+    if isinstance(e, ImageInputError):  # 422, or 415 for a format not accepted (UnsupportedImageFormat)
+        return error_response(e.status, str(e))
     # not the client's fault: still JSON, and the replica keeps serving
     log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=e)
     return error_response(500, f"internal error ({type(e).__name__})")
