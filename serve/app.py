@@ -3,7 +3,7 @@ and `build_app`, which wires them from a ServeConfig.
 
 Routes (OpenAPI at /docs, generated from the signatures below):
     GET  /                          the web page (serve/page.py)
-    GET  /healthz                   what is served, job counts
+    GET  /healthz                   what is served (artifact name + content hash, no paths), job counts
     POST /classify                  image (raw body or multipart `file`) -> {"label", "score", "probabilities"}
     POST /style/jobs                multipart `content`, `style`, optional `options` (JSON) -> 202 {"id", ...}
     GET  /style/jobs/{id}           status, attempt, progress (step, steps, content, style, tv losses)
@@ -100,7 +100,8 @@ class Ingress:
     async def healthz(self) -> dict:
         out = {"status": "ok", "classifier": await answer("classifier", self.classifier.info.remote())}
         if self.jobs is not None:
-            out["style"] = {"weights": self.cfg.style_weights, **await self.jobs.store.stats.remote()}
+            weights = self.cfg.style_weights  # imagenet, random, or a state-dict path: only its file name shown
+            out["style"] = {"weights": os.path.basename(weights), **await self.jobs.store.stats.remote()}
         return out
 
     # ---------------------------------------------------------------- classifier

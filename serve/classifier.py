@@ -10,6 +10,7 @@ ingress answers with a 422.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from typing import Callable, NamedTuple
@@ -33,6 +34,21 @@ class Served(NamedTuple):
     transform: Callable  # PIL image -> (3, crop, crop), the artifact's eval transform
     autocast: torch.dtype | None  # None: fp32
     info: dict  # what /healthz shows
+    path: str  # the artifact directory (absolute): never shown, only compared on reconfigure
+
+
+def content_hash(directory: str) -> str:
+    """The first 16 hex digits of the SHA-256 over an artifact's files (names and bytes, in name order)."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            h.update(os.path.relpath(full, directory).encode() + b"\0")
+            with open(full, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 @serve.deployment(max_ongoing_requests=32, health_check_period_s=10)
@@ -70,17 +86,18 @@ class ClassifierDeployment:
             autocast = autocast_dtype(user_config["precision"], self.device, "classify")
         except ValueError as e:
             raise ValueError(f"user_config: {e}") from None
-        if self.state is None or self.state.info["artifact"] != path or self.state.autocast != autocast:
+        if self.state is None or self.state.path != path or self.state.autocast != autocast:
             try:
                 model, classes, preset, manifest = load_artifact(path, self.device)
             except ArtifactError as e:
                 raise ValueError(str(e)) from None
             if self.device.type == "cuda" or autocast is not None:  # reduced precision runs fastest channels_last
                 model = model.to(memory_format=torch.channels_last)
-            info = {"artifact": path, "arch": manifest["arch"], "classes": classes, "preset": preset.to_dict(),
+            # no absolute path in an answer: the directory's name, and a hash of its content
+            info = {"artifact": os.path.basename(path), "artifact_sha256": content_hash(path), "arch": manifest["arch"], "classes": classes, "preset": preset.to_dict(),
                     "metrics": manifest.get("metrics", {}), "created": manifest.get("created"),
                     "precision": dtype_name(autocast)}
-            self.state = Served(model, classes, preset.eval_transform(), autocast, info)
+            self.state = Served(model, classes, preset.eval_transform(), autocast, info, path)
             log.info("classifier: serving %s (%s, %d classes)", path, manifest["arch"], len(classes))
         self.max_pixels = int(user_config["max_pixels"])
         self.batching = {"max_batch_size": int(user_config["max_batch_size"]),
@@ -97,7 +114,7 @@ class ClassifierDeployment:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict(self, xs: list[torch.Tensor]) -> list[dict]:
         """Batched forward: N tensors (3, crop, crop) -> N answers, softmax over the artifact's classes."""
-        model, classes, _, dtype, _ = self.state  # one snapshot per batch
+        model, classes, _, dtype, _, _ = self.state  # one snapshot per batch
         x = torch.stack(xs).to(self.device)  # (N, 3, crop, crop)
         try:
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
@@ -116,7 +133,7 @@ class ClassifierDeployment:
         return out
 
     def info(self) -> dict:
-        """What is being served: artifact path, architecture, classes, preset, metrics, batching."""
+        """What is being served: artifact name and content hash, architecture, classes, preset, metrics, batching."""
         return {**self.state.info, **self.batching, "max_pixels": self.max_pixels, "device": str(self.device)}
 
     def check_health(self) -> None:

@@ -226,6 +226,17 @@ def test_classify_round_trip_raw_and_multipart(server, client):
 
 
 @pytest.mark.slow
+def test_healthz_names_the_artifact_without_its_path(server, client):
+    from serve.classifier import content_hash
+
+    health = client.get("/healthz")
+    info = health.json()["classifier"]
+    assert info["artifact"] == server["a"].name and info["artifact_sha256"] == content_hash(str(server["a"]))
+    assert len(info["artifact_sha256"]) == 16 and content_hash(str(server["b"])) != info["artifact_sha256"]
+    assert str(server["tmp"]) not in health.text and os.sep + "tmp" not in health.text
+
+
+@pytest.mark.slow
 def test_concurrent_requests_are_batched_and_all_answered(client):
     images = [png((220, 30, 30)) if i % 2 else png((30, 30, 220)) for i in range(16)]
     out = [None] * len(images)
@@ -495,6 +506,45 @@ def test_bad_style_requests_are_4xx(client):
         assert r.status_code == status, (kwargs.keys(), r.text)
         assert r.json()["error"]
     assert client.post("/style/jobs/abc").status_code == 405
+
+
+def encoded(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+REFUSED_FORMATS = {"EPS": EPS, "ICO": encoded("ICO"), "PPM": encoded("PPM"), "PCX": encoded("PCX")}
+
+
+def test_image_formats_outside_the_allowlist_are_refused_before_decoding():
+    from jobs.images import IMAGE_FORMATS, ImageInputError, UnsupportedImageFormat, load_image
+
+    assert IMAGE_FORMATS == ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+    for fmt in IMAGE_FORMATS:
+        assert load_image(encoded(fmt)).size == (20, 20), fmt
+    for fmt, data in REFUSED_FORMATS.items():
+        with pytest.raises(UnsupportedImageFormat, match=f"is {fmt}; accepted formats: PNG"):
+            load_image(data)
+    assert load_image(encoded("PPM"), formats=["PPM"]).size == (20, 20)  # the caller may widen the list
+    assert load_image(encoded("PPM"), formats=None).size == (20, 20)
+    with pytest.raises(ImageInputError) as caught:  # garbage is still "not an image", a 422
+        load_image(b"garbage garbage garbage")
+    assert type(caught.value) is ImageInputError and caught.value.status == 422
+    response = asyncio.run(json_error(_request(), UnsupportedImageFormat("image is EPS")))
+    assert response.status_code == 415 and json.loads(response.body) == {"error": "image is EPS"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", list(REFUSED_FORMATS))
+def test_image_formats_outside_the_allowlist_are_a_415_live(client, fmt):
+    data = REFUSED_FORMATS[fmt]
+    for r in (client.post("/classify", content=data),
+              client.post("/classify", files={"file": ("x", data)}),
+              client.post("/style/jobs", **style_files({"size": [16, 16]}, content=data)),
+              client.post("/style", **style_files({"size": [16, 16]}, style=data))):
+        assert r.status_code == 415 and f"is {fmt}" in r.json()["error"], r.text
 
 
 @pytest.mark.slow
