@@ -36,6 +36,46 @@ def native_bf16_cpu() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
+CPU_FLAGS = {"avx2": "avx2", "avx512": "avx512f", "avx512_bf16": "avx512_bf16", "amx": "amx_tile"}
+
+
+def cpu_features(cpuinfo: str | None = "/proc/cpuinfo") -> dict[str, object]:
+    """What this CPU offers the kernels, as recorded with every run: {"avx2", "avx512", "avx512_bf16",
+    "amx": bool, "native_bf16": bool (`native_bf16_cpu`), "capability": torch's dispatch level
+    (torch.backends.cpu.get_cpu_capability(): "AVX2", "AVX512", "DEFAULT", ...)}. The flags come
+    from /proc/cpuinfo where it exists (Linux; `cpuinfo` None or missing: torch's probes alone)."""
+    flags: set[str] = set()
+    try:
+        with open(cpuinfo or "") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):  # x86 "flags", ARM "Features"
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    try:
+        capability = str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # an old or unusual build
+        capability = "unknown"
+    probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx": "_is_amx_tile_supported",
+              "avx512": "_is_avx512_supported"}
+    features: dict[str, object] = {}
+    for name, flag in CPU_FLAGS.items():
+        probe = getattr(torch.cpu, probes.get(name, ""), None)
+        features[name] = flag in flags or bool(probe and probe()) or (name == "avx2" and capability.startswith("AVX"))
+    features["native_bf16"] = native_bf16_cpu()
+    features["capability"] = capability
+    return features
+
+
+def describe_cpu(features: dict[str, object]) -> str:
+    """One line: "cpu: AVX2 yes, AVX-512 no, AVX-512 BF16 no, AMX no (torch kernels: AVX2; bf16 emulated)"."""
+    names = {"avx2": "AVX2", "avx512": "AVX-512", "avx512_bf16": "AVX-512 BF16", "amx": "AMX"}
+    have = ", ".join(f"{label} {'yes' if features.get(k) else 'no'}" for k, label in names.items())
+    bf16 = "bf16 native" if features.get("native_bf16") else "bf16 emulated"
+    return f"cpu: {have} (torch kernels: {features.get('capability')}; {bf16})"
+
+
 def autocast_dtype(precision: str, device: torch.device | str, workload: str = "train",
                    native_bf16: bool | None = None) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device` (None: plain fp32), by the table above.

@@ -81,3 +81,24 @@ def test_dtype_names():
     assert [dtype_name(d) for d in (None, torch.bfloat16, torch.float16)] == ["fp32", "bf16", "fp16"]
     with pytest.raises(KeyError):
         dtype_name(torch.float64)
+
+
+def test_cpu_features_read_cpuinfo_flags_and_torch(tmp_path):
+    from jobs.precision import cpu_features, describe_cpu
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx avx2 avx512f avx512_bf16 amx_tile amx_bf16\n\n"
+                    "processor\t: 1\nflags\t\t: fpu\n")
+    f = cpu_features(str(info))
+    assert f["avx2"] and f["avx512"] and f["avx512_bf16"] and f["amx"]
+    assert f["capability"] == str(torch.backends.cpu.get_cpu_capability())
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx\n")
+    plain = cpu_features(str(info))
+    # a flag missing from cpuinfo: torch's own probe decides
+    assert plain["avx512_bf16"] == bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    assert not plain["avx2"] or str(plain["capability"]).startswith("AVX")
+    missing = cpu_features(str(tmp_path / "absent"))  # no /proc (macOS, Windows): torch's probes alone
+    assert set(missing) == {"avx2", "avx512", "avx512_bf16", "amx", "native_bf16", "capability"}
+    line = describe_cpu({**f, "native_bf16": True})
+    assert line.startswith("cpu: AVX2 yes, AVX-512 yes, AVX-512 BF16 yes, AMX yes (torch kernels: ")
+    assert line.endswith("bf16 native)")

@@ -3,6 +3,7 @@ resource checks."""
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import ray
@@ -52,7 +53,7 @@ def keep_threads():
     torch.set_num_threads(threads)
 
 
-def test_loop_takes_any_session_resolves_precision_on_the_worker_and_resumes(tmp_path, keep_threads):
+def test_loop_takes_any_session_resolves_precision_on_the_worker_and_resumes(tmp_path, keep_threads, capsys):
     # the fast recipe (lookahead, warm-up schedule, TTA) in one process, bf16 autocast asked for by name
     cfg = Config(recipe="fast", data="synthetic:128", image_size=16, batch_size=64, num_workers=1, epochs=2,
                  precision="bf16", storage_path=str(tmp_path), name="loop")
@@ -61,6 +62,12 @@ def test_loop_takes_any_session_resolves_precision_on_the_worker_and_resumes(tmp
     assert [h["epoch"] for h in history] == [1, 2] and session.reports == history
     assert {h["precision"] for h in history} == {"bf16"}
     assert history[-1]["steps"] == 2 * 2  # 128 images / 64 per batch, 2 epochs
+    # rank 0 says what it found and chose; the checkpoint's meta (result.json's "meta") records it
+    out = capsys.readouterr().out
+    assert "loop: cpu: AVX2 yes" in out or "loop: cpu: AVX2 no" in out and "; precision bf16 (--precision bf16 on cpu)" in out
+    meta = torch.load(Path(session.checkpoint.path) / loop.CHECKPOINT_FILE, weights_only=True)["meta"]
+    assert meta["precision"] == "bf16" and meta["device"] == "cpu"
+    assert {"avx2", "avx512", "avx512_bf16", "amx", "native_bf16", "capability"} <= set(meta["cpu"])
     for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
         assert 0 <= history[-1][key] < 10, key
     # one more epoch in a new process: it starts from the checkpoint, not from scratch
