@@ -146,7 +146,7 @@ class Ingress:
 
     @app.delete("/style/jobs/{job_id}", summary="Cancel a queued or running job")
     async def cancel_job(self, job_id: str) -> dict:
-        return known(job_id, await self._jobs().store.cancel.remote(job_id))
+        return known(job_id, await self._jobs().cancel(job_id))
 
     @app.post("/style", summary="Stylize a small image and wait for the PNG (408 past the timeout)",
               dependencies=[Depends(form_fields("content", "style", "options"))],
@@ -232,13 +232,16 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         else:
             scaling = {"num_replicas": cfg.style_replicas}
         style = StylePool.options(
-            **scaling, max_ongoing_requests=1, ray_actor_options=resources(cfg.style_cpus, cfg.style_gpus),
+            **scaling, max_ongoing_requests=1, max_queued_requests=cfg.style_max_queued,
+            ray_actor_options=resources(cfg.style_cpus, cfg.style_gpus),
         ).bind(weights=cfg.style_weights, device=cfg.style_device, threads=max(1, round(cfg.style_cpus)),
                store=[cfg.job_store_name, cfg.max_style_jobs, cfg.job_lease_s, cfg.job_ttl_s, cfg.job_max_attempts])
     fast = None
     if cfg.fast_styles:
         fast = FastStylePool.options(
-            num_replicas=cfg.fast_style_replicas, ray_actor_options=resources(cfg.fast_style_cpus, cfg.fast_style_gpus),
+            num_replicas=cfg.fast_style_replicas, max_ongoing_requests=cfg.fast_style_max_ongoing,
+            max_queued_requests=cfg.fast_style_max_queued,
+            ray_actor_options=resources(cfg.fast_style_cpus, cfg.fast_style_gpus),
         ).bind(registry=os.path.abspath(cfg.fast_styles), threads=max(1, round(cfg.fast_style_cpus)),
                use_gpu=cfg.fast_style_gpus > 0, max_side=cfg.fast_style_max_side, max_pixels=cfg.max_pixels,
                precision=cfg.fast_style_precision)

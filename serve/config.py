@@ -61,6 +61,8 @@ class ServeConfig:
     style_max_size: int = option(1024 * 1024, "largest H*W of a job's working size", min=1)
     sync_max_size: int = option(128 * 128, "largest H*W on the synchronous POST /style", min=1)
     sync_timeout_s: float = option(60.0, "POST /style answers 408 (and cancels the job) past this", above=0)
+    style_max_queued: int = option(32, "job requests waiting in the style pool's router beyond which a job fails "
+                                   "at once (\"style pool is full\") instead of waiting", min=1)
     job_max_attempts: int = option(2, "attempts per job when its replica dies, then it is marked failed", min=1)
     job_lease_s: float = option(120.0, "a job nobody heartbeats for this long is marked failed", above=0)
     job_ttl_s: float = option(3600.0, "finished jobs (and their PNG) are kept this long", above=0)
@@ -71,6 +73,9 @@ class ServeConfig:
     fast_style_replicas: int = option(1, "replicas serving the trained styles", min=1)
     fast_style_cpus: float = option(1.0, "CPUs per trained-style replica", min=0)
     fast_style_gpus: float = option(0.0, "GPUs per trained-style replica", min=0)
+    fast_style_max_ongoing: int = option(4, "requests a trained-style replica takes at once", min=1)
+    fast_style_max_queued: int = option(32, "requests waiting for the trained styles beyond which the answer is 503",
+                                        min=1)
     fast_style_max_side: int = option(1024, "larger images are scaled down to this longer side first", min=1)
     fast_style_precision: str = option("auto", "auto: bfloat16 autocast on a CPU with native bf16 (AVX-512 BF16/AMX), "
                                        "else fp32", choices=PRECISIONS)

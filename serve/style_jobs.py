@@ -12,9 +12,9 @@ import json
 import logging
 
 import ray
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle
+from ray.exceptions import RayActorError, TaskCancelledError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from jobs.cli import UserError
 from jobs.config import check_types
@@ -87,6 +87,7 @@ class StyleJobs:
         self.store = get_or_create_store(cfg.job_store_name, *limits)
         ray.get(self.store.configure.remote(*limits))  # it may predate this deployment (detached)
         self.driving: dict[str, asyncio.Task] = {}  # job id -> the task driving it through the pool
+        self.calls: dict[str, DeploymentResponse] = {}  # job id -> its current call to the pool
         self.heartbeat: asyncio.Task | None = None
 
     async def submit(self, content: bytes, style: bytes, options: str, sync: bool) -> str:
@@ -105,12 +106,23 @@ class StyleJobs:
             self.heartbeat = asyncio.create_task(self._heartbeat())
         return job_id
 
+    async def cancel(self, job_id: str) -> dict | None:
+        """Cancel a job in the store; a job still queued here also leaves the pool's router queue (its
+        request is withdrawn), so cancelled jobs do not fill `style_max_queued`. A running job stops at
+        its next progress report. The store's view of the job, or None if unknown."""
+        before = await self.store.get.remote(job_id)
+        job = await self.store.cancel.remote(job_id)
+        response = self.calls.get(job_id)
+        if response is not None and before is not None and before["status"] == "queued":
+            response.cancel()  # Serve drops a request not yet assigned to a replica
+        return job
+
     async def wait(self, job_id: str) -> bytes:
         """The PNG of a job once done; 408 (job cancelled) past sync_timeout_s, 422/503 if it failed."""
         try:
             await asyncio.wait_for(asyncio.shield(self.driving[job_id]), self.cfg.sync_timeout_s)
         except asyncio.TimeoutError:
-            await self.store.cancel.remote(job_id)
+            await self.cancel(job_id)
             raise ApiError(408, f"not finished within {self.cfg.sync_timeout_s:g} s (cancelled); "
                                 "use POST /style/jobs for long jobs", job=job_id) from None
         except KeyError:  # the drive task already finished and removed itself
@@ -135,7 +147,13 @@ class StyleJobs:
         try:
             while True:
                 try:
-                    await self.pool.run.remote(job_id, attempt, content, style, job_cfg)
+                    self.calls[job_id] = self.pool.run.remote(job_id, attempt, content, style, job_cfg)
+                    await self.calls[job_id]
+                    return
+                except (RequestCancelledError, TaskCancelledError):  # cancelled while queued (`cancel`)
+                    return
+                except BackPressureError:  # the router's queue (style_max_queued) is full
+                    await self.store.fail.remote(job_id, attempt, "style pool is full; submit again later")
                     return
                 except (RayActorError, DeploymentUnavailableError) as e:
                     log.warning("style job %s attempt %d lost its replica: %s", job_id, attempt, type(e).__name__)
@@ -148,6 +166,7 @@ class StyleJobs:
                     return
         finally:
             self.driving.pop(job_id, None)
+            self.calls.pop(job_id, None)
 
     async def _heartbeat(self) -> None:
         """Tell the store which jobs this ingress still drives, so only orphans get reaped."""

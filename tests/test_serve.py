@@ -154,7 +154,7 @@ def server(tmp_path_factory):
     cfg = dict(classifier=str(art_a), max_batch_size=4, classifier_cpus=0.25, classifier_precision="fp32",
                style_weights="random",
                style_cpus=0.25, max_style_jobs=3, sync_max_size=32 * 32, sync_timeout_s=4.0, max_body_mb=1.0,
-               max_pixels=1_000_000, style_max_steps=5000, job_max_attempts=2, job_lease_s=60.0)
+               max_pixels=1_000_000, style_max_steps=5000, job_max_attempts=2, job_lease_s=60.0, style_max_queued=4)
     deploy(cfg)
     with httpx.Client(base_url=URL, timeout=60) as client:
         deadline = time.time() + 240  # replicas start in seconds, but the machine may be busy
@@ -370,6 +370,40 @@ def test_a_job_whose_replica_dies_is_retried_then_marked_failed(client):
     # the replacement replica serves new jobs
     r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 3}))
     assert wait_job(client, r.json()["id"], lambda j: j["status"] in ("done", "failed"), 90)["status"] == "done"
+
+
+@pytest.mark.slow
+def test_cancelled_queued_jobs_leave_the_pool_queue(client):
+    """A submit-then-DELETE loop (3x style_max_queued) behind a running job: each cancelled job's request
+    is withdrawn from the StylePool router, so its max_queued_requests never fills for the next job."""
+    r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 5000}))
+    busy = r.json()["id"]
+    try:
+        wait_job(client, busy, lambda j: j["status"] == "running")
+        for _ in range(12):
+            r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 5}))
+            assert r.status_code == 202, r.text
+            assert client.delete(f"/style/jobs/{r.json()['id']}").json()["status"] == "cancelled"
+        r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 5}))
+        assert r.status_code == 202
+        after = r.json()["id"]
+        time.sleep(1)
+        assert client.get(f"/style/jobs/{after}").json()["status"] == "queued"  # not failed: the pool had room
+    finally:
+        client.delete(f"/style/jobs/{busy}")
+    assert wait_job(client, after, lambda j: j["status"] in ("done", "failed"))["status"] == "done"
+
+
+def test_every_deployment_has_a_queue_limit(tmp_path):
+    app = build_app({"classifier": str(tmp_path), "fast_styles": str(tmp_path), "classifier_max_queued": 5,
+                     "style_max_queued": 7, "fast_style_max_queued": 9, "fast_style_max_ongoing": 2})
+    deployments = {a._bound_deployment.name: a._bound_deployment for a in app._bound_deployment.init_args
+                   if hasattr(a, "_bound_deployment")}
+    assert {name: d.max_queued_requests for name, d in deployments.items()} == {
+        "ClassifierDeployment": 5, "StylePool": 7, "FastStylePool": 9}
+    assert deployments["FastStylePool"].max_ongoing_requests == 2
+    defaults = ServeConfig()
+    assert defaults.style_max_queued >= defaults.max_style_jobs and defaults.fast_style_max_queued > 0
 
 
 # ----------------------------------------------------------------------------- bad input
