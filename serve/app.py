@@ -15,7 +15,8 @@ Routes (OpenAPI at /docs, generated from the signatures below):
     POST /style/fast?style=NAME     image (raw body, or multipart `image` + text `style`) -> PNG, one forward pass
 
 Every answer other than 2xx is JSON {"error": "..."} (serve/errors.py); bodies over max_body_mb
-are refused before they are read (serve/body_limit.py).
+are refused before they are read (serve/body_limit.py), and so are writes from a web page of another
+origin unless allow_origin names it (serve/origin.py).
 """
 
 import dataclasses
@@ -35,6 +36,7 @@ from serve.config import ServeConfig, config_from_dict
 from serve.errors import HANDLED, ApiError, answer, json_error
 from serve.fast_style import FastStylePool
 from serve.forms import RAW_IMAGE, file_bytes, form_fields, image_bytes
+from serve.origin import SameOrigin, parse_allowed
 from serve.page import PAGE
 from serve.style_jobs import StyleJobs
 from serve.style_pool import StylePool
@@ -54,7 +56,13 @@ def body_limit() -> int:
     return serve.get_replica_context().servable_object.cfg.max_body_bytes
 
 
+def allowed_origins() -> list[str]:
+    """The ingress's allow_origin, normalized (asked at each request, like body_limit)."""
+    return serve.get_replica_context().servable_object.allowed_origins
+
+
 app.add_middleware(BodyLimit, limit=body_limit)
+app.add_middleware(SameOrigin, allowed=allowed_origins)  # added last: runs first, before the body is read
 for _exc in HANDLED:
     app.add_exception_handler(_exc, json_error)
 
@@ -86,6 +94,7 @@ class Ingress:
     def __init__(self, classifier: DeploymentHandle, style: DeploymentHandle | None, cfg: dict,
                  fast: DeploymentHandle | None = None):
         self.cfg = ServeConfig(**cfg)
+        self.allowed_origins = parse_allowed(self.cfg.allow_origin)
         self.classifier = classifier
         self.fast = fast  # FastStylePool: trained style networks, multiplexed by style name
         self.jobs = StyleJobs(style, self.cfg) if style is not None else None

@@ -13,6 +13,7 @@ from typing import Any
 from jobs.cli import UserError
 from jobs.config import load_config, option
 from jobs.images import MAX_PIXELS
+from serve.origin import parse_allowed
 
 PRECISIONS = ("auto", "fp32", "bf16")  # resolved on each replica by jobs.precision.autocast_dtype
 
@@ -40,6 +41,9 @@ class ServeConfig:
     # request limits (every route)
     max_body_mb: float = option(16.0, "largest request body in MiB (413 above, refused before it is read)", above=0)
     max_pixels: int = option(MAX_PIXELS, "largest image, width*height, read from its header (422 above)", min=1)
+    allow_origin: str = option("", "origins (comma-separated, e.g. http://localhost:3000) whose web pages may POST "
+                               "or DELETE here; a write from another origin is refused 403 (the service's own page "
+                               "and requests without an Origin header always pass)", metavar="ORIGIN[,ORIGIN]")
     # style-transfer pool
     style: bool = option(True, "serve the style-transfer pool (--no-style: the classifier only)")
     style_weights: str = option("imagenet", "VGG-19 weights: imagenet (torch hub cache), random (offline demo) or a "
@@ -92,6 +96,10 @@ def check_serve_config(cfg: ServeConfig) -> ServeConfig:
     """The checks that relate fields (each field's own are in its declaration); return cfg."""
     if not cfg.classifier:
         raise UserError("a classifier artifact directory is required (--classifier DIR)")
+    try:
+        parse_allowed(cfg.allow_origin)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if cfg.style and cfg.style_replicas < 1:
         raise UserError(f"--style-replicas must be at least 1 with the style pool on, got {cfg.style_replicas}")
     return cfg

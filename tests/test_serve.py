@@ -154,7 +154,8 @@ def server(tmp_path_factory):
     cfg = dict(classifier=str(art_a), max_batch_size=4, classifier_cpus=0.25, classifier_precision="fp32",
                style_weights="random",
                style_cpus=0.25, max_style_jobs=3, sync_max_size=32 * 32, sync_timeout_s=4.0, max_body_mb=1.0,
-               max_pixels=1_000_000, style_max_steps=5000, job_max_attempts=2, job_lease_s=60.0, style_max_queued=4)
+               max_pixels=1_000_000, style_max_steps=5000, job_max_attempts=2, job_lease_s=60.0, style_max_queued=4,
+               allow_origin="http://allowed.example:3000, https://other.example")
     deploy(cfg)
     with httpx.Client(base_url=URL, timeout=60) as client:
         deadline = time.time() + 240  # replicas start in seconds, but the machine may be busy
@@ -586,6 +587,43 @@ def test_replicas_survive_bad_input(client):
     """After every bad request above, the same replicas still answer correctly."""
     assert client.get("/healthz").json()["status"] == "ok"
     assert client.post("/classify", content=png((220, 30, 30))).json()["label"] == "red"
+
+
+@pytest.mark.slow
+def test_cross_origin_writes_are_refused_unless_allowed(client):
+    red = png((220, 30, 30))
+    for origin, status in ((None, 200), (URL, 200),  # curl; the service's own page (what a browser sends)
+                           ("http://localhost:%d" % PORT, 403),  # another host name is another origin
+                           ("http://evil.example", 403), ("null", 403), ("http://127.0.0.1:1", 403),
+                           ("http://allowed.example:3000", 200), ("https://other.example", 200)):
+        headers = {"origin": origin} if origin else {}
+        r = client.post("/classify", content=red, headers=headers)
+        assert r.status_code == status, (origin, r.text)
+        if status == 403:
+            assert "cross-origin POST" in r.json()["error"] and "--allow-origin" in r.json()["error"]
+    evil = {"origin": "http://evil.example"}
+    assert client.delete("/style/jobs/abc", headers=evil).status_code == 403
+    assert client.delete("/style/jobs/abc", headers={"origin": URL}).status_code == 404
+    assert client.post("/style/jobs", headers=evil, **style_files({"size": [16, 16]})).status_code == 403
+    assert client.get("/healthz", headers=evil).status_code == 200  # reads pass
+    # the web page's own requests, as a browser sends them: same origin
+    page = client.get("/")
+    assert page.status_code == 200 and "fetch(" in page.text
+    r = client.post("/style/jobs", headers={"origin": URL, "referer": URL + "/"}, **style_files({"size": [16, 16], "steps": 2}))
+    assert r.status_code == 202, r.text
+    client.delete(f"/style/jobs/{r.json()['id']}", headers={"origin": URL})
+
+
+def test_origin_rules_without_a_server():
+    from serve.origin import normalize, parse_allowed
+
+    assert normalize("HTTP://LocalHost:80") == "http://localhost" and normalize("https://a.b:443/") == "https://a.b"
+    assert normalize("http://127.0.0.1:8000") == "http://127.0.0.1:8000"
+    for bad in ("null", "file://", "http://a.b/path", "ftp://a.b", "a.b", "http://a.b:99999"):
+        assert normalize(bad) is None, bad
+    assert parse_allowed(" http://a.b:3000 ,https://c.d,") == ["http://a.b:3000", "https://c.d"]
+    with pytest.raises(UserError, match="--allow-origin 'nope' is not an origin"):
+        config_from_dict({"classifier": "x", "allow_origin": "http://ok.example,nope"})
 
 
 # ----------------------------------------------------------------------------- page, docs, config, CLI
