@@ -8,8 +8,10 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def run(*args, timeout=120):
+    # COLUMNS: argparse wraps help at the terminal width, breaking lines after hyphens ("--style-" /
+    # "max-replicas"); wide lines keep each help text whole for the checks below
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**__import__("os").environ, "RAY_AUTH_MODE": "disabled"})
+                          env={**__import__("os").environ, "RAY_AUTH_MODE": "disabled", "COLUMNS": "1000"})
 
 
 def test_augment_help_lists_every_flag():
