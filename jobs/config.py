@@ -231,5 +231,6 @@ def check_options(cfg, names: str = "flags"):
             if meta["max"] is not None and item > meta["max"]:
                 raise UserError(f"{label} must be at most {meta['max']:g}, got {item}")
             if meta["above"] is not None and not item > meta["above"]:
-                raise UserError(f"{label} must be greater than {meta['above']:g}, got {item}")
+                bound = "positive" if meta["above"] == 0 else f"greater than {meta['above']:g}"
+                raise UserError(f"{label} must be {bound}, got {item}")
     return cfg

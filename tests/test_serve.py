@@ -724,7 +724,7 @@ def test_cli_user_errors_are_one_line(server, tmp_path):
 
     for argv, message in ((["--max-batch-size", "0"], "--max-batch-size must be at least 1"),
                           (["--classifier-precision", "fp8"], "invalid choice: 'fp8'"),
-                          (["--max-body-mb", "0"], "--max-body-mb must be greater than 0"),
+                          (["--max-body-mb", "0"], "--max-body-mb must be positive"),
                           (["--batch-wait-ms", "5", "--batch-wait-timeout-s", "0.1"], "not both"),
                           (["--style-replicas", "0"], "--style-replicas must be at least 1 with the style pool"),
                           (["--style-weights", str(tmp_path / "nope.pt")], "weights must be imagenet, random or")):
