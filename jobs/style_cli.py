@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 class ProgressBar:
     """Step counter on stderr: a redrawn bar on a terminal, a line every 5% in logs."""
 
-    def __init__(self, total: int, stream=sys.stderr):
+    def __init__(self, total: int, stream=None):
+        stream = stream or sys.stderr  # looked up now, not at import (a redirected stderr is followed)
         self.total, self.stream, self.tty = max(total, 1), stream, stream.isatty()
         self.every = max(1, self.total // 20)
 

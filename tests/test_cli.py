@@ -6,9 +6,7 @@ import warnings
 
 import pytest
 
-# What the entrypoints run in-process below import is imported here, at collection, rather than
-# first inside a test: jobs/style_cli.py's ProgressBar binds sys.stderr as a default argument at
-# import time, and a test's capsys stream is closed once that test ends
+# The entrypoints run in-process below, imported once at collection
 import jobs.augment  # noqa: F401
 import jobs.fast_style  # noqa: F401
 import jobs.finetune  # noqa: F401
