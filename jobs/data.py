@@ -22,8 +22,7 @@ import torch
 
 from jobs.cli import UserError
 from jobs.images import decode_pixels
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+from jobs.sources import FileIndex, FileSource, index_content, index_image_folder
 # downloadable ImageFolder archives: name -> (url, sha1); extracted once under the data root
 DOWNLOADS = {
     "hotdog": ("http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip", "fba480ffa8aa7e0febbb511d181409f899b9baa5"),
@@ -64,8 +63,8 @@ class ImageData:
 
 def load_image_data(source: str, root: str | os.PathLike = "data", image_size: int | None = None,
                     fit: str = "stretch") -> ImageData:
-    """Load `source`: "cifar10", "synthetic[:N]", a name in DOWNLOADS ("hotdog"), or a directory /
-    .zip in ImageFolder layout.
+    """Load `source`: "cifar10", "synthetic[:N]", a name in DOWNLOADS ("hotdog"), or an ImageFolder
+    tree (a directory, a .zip or a URI prefix, see `jobs.sources`).
 
     ImageFolder trees must hold `train/<class>/*.jpg` and `test/<class>/*.jpg` (one top-level
     folder inside a zip is allowed). With `image_size`, images become image_size x image_size:
@@ -81,82 +80,78 @@ def load_image_data(source: str, root: str | os.PathLike = "data", image_size: i
     if source == "synthetic" or source.startswith("synthetic:"):
         n = int(source.split(":", 1)[1]) if ":" in source else 2048
         return make_synthetic(n_train=n, n_test=max(n // 4, 64), size=image_size or 32)
-    if source in DOWNLOADS:
-        path = fetch_archive(source, root)
-    else:
-        path = Path(source).expanduser()
-    if not path.exists():
-        raise UserError(f"dataset not found: {source} (expected cifar10, synthetic, {', '.join(DOWNLOADS)}, "
-                        f"or an ImageFolder directory/.zip)")
-    return _cached(path, root, image_size, fit, lambda: _load_image_folder(path, image_size, fit))
+    files = open_source(source, root)
+    index = index_image_folder(files)
+    return _cached(files, index, root, image_size, fit, lambda: decode_index(files, index, image_size, fit))
+
+
+def open_source(source: str, root: str | os.PathLike = "data") -> FileSource:
+    """The files behind a dataset argument: a name in DOWNLOADS (fetched and extracted under `root`),
+    a directory, a .zip or a URI prefix; a one-line error when there is nothing there."""
+    location = str(fetch_archive(source, root)) if source in DOWNLOADS else source
+    try:
+        return FileSource(location)
+    except UserError as e:
+        if "not found" in str(e):
+            raise UserError(f"dataset not found: {source} (expected cifar10, synthetic, {', '.join(DOWNLOADS)}, "
+                            f"or an ImageFolder directory, .zip or URI)") from None
+        raise
 
 
 def load_content_images(source: str, root: str | os.PathLike, image_size: int,
                         limit_train: int | None = None) -> ImageData:
     """Content images for style training as uint8 (N, 3, S, S) tensors; `test_x` is the validation set.
 
-    cifar10 and synthetic load as in `load_image_data`; ImageFolder trees too, with the shorter side
-    resized to S and a centre crop (Johnson's preprocessing, fit="center"). Any other folder or .zip
-    is a flat collection (COCO): every image, resized and cropped the same way, the last 2% (8..500,
-    at most half) held out for validation, the first `limit_train` of the rest kept; decoded once
-    and cached. Labels are all 0 (one class, "image").
+    cifar10 and synthetic load as in `load_image_data`; any folder, .zip or URI is indexed by
+    `jobs.sources.index_content` (an ImageFolder tree, or a flat collection such as COCO with 2%
+    held out), every image resized on its shorter side to S and centre-cropped (Johnson's
+    preprocessing); decoded once and cached.
     """
     if source in ("cifar10", "synthetic") or source.startswith("synthetic:"):
         return load_image_data(source, root, image_size)
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise UserError(f"content images not found: {source} (a folder or .zip of images, cifar10 or synthetic)")
-    names, read, close = _list_images(path)
     try:
-        if _is_image_folder(names):
-            return load_image_data(str(path), root, image_size, fit="center")
-        if not names:
-            raise UserError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        n_val = min(max(8, len(names) // 50), 500, len(names) // 2)
-        train_names, val_names = names[:-n_val] or names, names[-n_val:]
-        train_names = train_names[:limit_train] if limit_train else train_names
+        files = FileSource(source)
+    except UserError:
+        raise UserError(f"content images not found: {source} (a folder, .zip or URI of images, cifar10 or "
+                        f"synthetic)") from None
+    index = index_content(files, limit_train)
+    # the flat layout and the training limit go into the cache key's `fit` string, so these
+    # tensors never collide with an ImageFolder cache of the same file
+    flat = index.layout == "flat"
+    return _cached(files, index, Path(root), image_size, f"center-flat-{limit_train}" if flat else "center",
+                   lambda: decode_index(files, index, image_size, "center"))
 
-        def build() -> ImageData:
-            tx, vx = (torch.from_numpy(np.stack([decode_pixels(read(n), n, image_size, "center") for n in split]))
-                      .permute(0, 3, 1, 2).contiguous() for split in (train_names, val_names))
-            return ImageData(tx, torch.zeros(len(tx), dtype=torch.long), vx, torch.zeros(len(vx), dtype=torch.long),
-                             ["image"])
 
-        # the flat layout and the training limit go into the cache key's `fit` string, so these
-        # tensors never collide with an ImageFolder cache of the same file
-        return _cached(path, Path(root), image_size, f"center-flat-{limit_train}", build)
+def decode_index(files: FileSource, index: FileIndex, image_size: int | None, fit: str = "stretch") -> ImageData:
+    """Decode every image of `index` into uint8 tensors (one size: `image_size`, or the files' own)."""
+    out = []
+    try:
+        for names, labels in ((index.train, index.train_labels), (index.test, index.test_labels)):
+            xs = [decode_pixels(files.read(n), n, image_size, fit) for n in names]
+            sizes = {x.shape for x in xs}
+            if len(sizes) > 1:
+                raise UserError(f"{index.location}: images have different sizes {sorted(sizes)[:3]}...; "
+                                f"pass --image-size to resize them")
+            out += [torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), labels]
     finally:
-        close()
+        files.close()
+    return ImageData(*out, index.classes)
 
 
-def _list_images(path: Path):
-    """(sorted image names, read(name) -> bytes, close()) for a directory or a .zip; macOS's
-    __MACOSX/ metadata folders are left out."""
-    if path.is_dir():
-        names = [str(p.relative_to(path)).replace(os.sep, "/") for p in path.rglob("*") if p.is_file()]
-        read, close = (lambda n: (path / n).read_bytes()), (lambda: None)
-    elif zipfile.is_zipfile(path):
-        zf = zipfile.ZipFile(path)
-        names, read, close = zf.namelist(), zf.read, zf.close
+def _cached(files: FileSource, index: FileIndex, root: Path, image_size: int | None, fit: str, build) -> ImageData:
+    """Decode once. The key: a local path with its size/mtime (a zip, a directory), or a URI with
+    the hash of its file names (a file replaced in place under a URI is not noticed: use a new
+    prefix), and the target image size."""
+    if files.kind == "uri":
+        stamp = hashlib.sha1("\n".join(index.train + index.test).encode()).hexdigest()
+        where, stem = files.location, files.location.rstrip("/").split("/")[-1] or "uri"
     else:
-        raise UserError(f"{path} is neither a directory nor a .zip archive")
-    names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and "/__MACOSX/" not in f"/{n}")
-    return names, read, close
-
-
-def _is_image_folder(names: list[str]) -> bool:
-    """True for an ImageFolder layout: images under .../train/<class>/ and .../test/<class>/."""
-    def has(split):
-        return any(f"/{split}/" in f"/{n}" and len(n.split(f"{split}/", 1)[1].split("/")) == 2 for n in names)
-    return has("train") and has("test")
-
-
-def _cached(path: Path, root: Path, image_size: int | None, fit: str, build) -> ImageData:
-    """Decode once: key the cache on the path, its size/mtime and the target image size."""
-    st = path.stat()
+        path = Path(files.location).expanduser()
+        st = path.stat()
+        stamp, where, stem = f"{st.st_size}|{st.st_mtime_ns}", str(path.resolve()), path.name
     fit_key = "" if fit == "stretch" else f"|{fit}"  # stretch keeps the keys of existing caches
-    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{image_size}{fit_key}".encode()).hexdigest()[:16]
-    cache = root / "cache" / f"{path.name}-{key}.pt"
+    key = hashlib.sha1(f"{where}|{stamp}|{image_size}{fit_key}".encode()).hexdigest()[:16]
+    cache = root / "cache" / f"{stem}-{key}.pt"
     if cache.exists():
         d = torch.load(cache, weights_only=True)
         return ImageData(d["train_x"], d["train_y"], d["test_x"], d["test_y"], list(d["classes"]))
@@ -188,44 +183,6 @@ def _load_cifar10(root: Path) -> ImageData:
 
     (trx, try_), (tex, tey) = as_tensor(train), as_tensor(test)
     return ImageData(trx, try_, tex, tey, list(train.classes))
-
-
-def _load_image_folder(path: Path, image_size: int | None, fit: str = "stretch") -> ImageData:
-    """Decode every image of an ImageFolder tree (directory or zip) into uint8 tensors."""
-    names, read, close = _list_images(path)
-    try:
-        splits = _split_layout(names, path)
-        classes = sorted(set(splits["train"]) | set(splits["test"]))
-        out = []
-        for split in ("train", "test"):
-            xs, ys = [], []
-            for label, cls in enumerate(classes):
-                for name in splits[split].get(cls, []):
-                    xs.append(decode_pixels(read(name), name, image_size, fit))
-                    ys.append(label)
-            sizes = {x.shape for x in xs}
-            if len(sizes) > 1:
-                raise UserError(f"{path}: images have different sizes {sorted(sizes)[:3]}...; pass --image-size to resize them")
-            out += [torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), torch.tensor(ys)]
-    finally:
-        close()
-    return ImageData(*out, classes)
-
-
-def _split_layout(names: list[str], path: Path) -> dict[str, dict[str, list[str]]]:
-    """Group image paths (as `_list_images` lists them) into {"train"|"test": {class: [paths]}};
-    accepts one wrapping folder."""
-    splits: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
-    for name in names:
-        parts = name.split("/")
-        for i in range(len(parts) - 2):
-            if parts[i] in splits and i + 3 == len(parts):
-                splits[parts[i]].setdefault(parts[i + 1], []).append(name)
-                break
-    for split, by_class in splits.items():
-        if not by_class:
-            raise UserError(f"{path}: no images under {split}/<class>/ (expected ImageFolder layout train/<class>/*.jpg, test/<class>/*.jpg)")
-    return splits
 
 
 def fetch_archive(name: str, root: str | os.PathLike, url: str | None = None, sha1: str | None = None,

@@ -61,6 +61,10 @@ def fit(job: str | ModuleType, cfg, max_failures: int = 3, callbacks: Iterable[A
 
     out = check_storage(cfg)
     check_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
+    if hasattr(cfg, "data_mode"):
+        from jobs.stream import check_decode_cpus
+
+        check_decode_cpus(cfg)
     # the workers do not run in this directory: they get absolute paths (previews go into the run dir)
     cfg = absolute_paths(cfg if is_uri(out) else dataclasses.replace(cfg, storage_path=str(out.parent)))
     trainer = TorchTrainer(

@@ -21,7 +21,8 @@ from torch import nn
 from jobs.cli import UserError, run_cli
 from jobs import driver
 from jobs.config import RunOptions, build_parser, option
-from jobs.data import DOWNLOADS, RankShards, load_image_data
+from jobs import stream
+from jobs.data import DOWNLOADS, RankShards, load_image_data, open_source
 from jobs.loop import CHECKPOINT_FILE, TrainSetup
 from jobs.models import HEADS, build_model
 from jobs.presets import Preset, scaled_resize
@@ -32,11 +33,11 @@ DEFAULT_LR = {"finetune": 0.01, "scratch": 0.1}
 
 
 @dataclass
-class Config(RunOptions):
+class Config(stream.DataOptions, RunOptions):
     """The fine-tuning job; defaults are the reference recipe (SPEC section 2)."""
 
-    data: str = option("hotdog", f"{', '.join(DOWNLOADS)} (downloads, sha1-checked) or an ImageFolder directory/.zip "
-                       "with train/<class>/ and test/<class>/")
+    data: str = option("hotdog", f"{', '.join(DOWNLOADS)} (downloads, sha1-checked) or an ImageFolder directory, .zip "
+                       "or URI prefix (s3://, gs://, file://) with train/<class>/ and test/<class>/")
     data_root: str = option("data", "where datasets are downloaded and decoded tensors cached")
     weights: str = option("imagenet", "imagenet (torchvision, via the torch hub cache), none (random init), or PATH: "
                           "a state dict, a checkpoint.pt, or a jobs.augment/jobs.finetune run, checkpoint or model/ "
@@ -246,11 +247,17 @@ def _stay_in_eval(module: nn.Module, args) -> None:
 # ----------------------------------------------------------------------------- on each worker
 
 def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> TrainSetup:
-    """uint8 images cached at the preset's resize size, resident on the device; crops and flips batched there."""
+    """uint8 images at the preset's resize size, resident on the device (cached once) or streamed
+    through Ray Data (--data-mode); crops and flips batched on the device."""
     source = load_source(cfg.weights, cfg.image_size, load=cfg.mode == "finetune")
     preset = source.preset
-    data = load_image_data(cfg.data, cfg.data_root, preset.resize, fit="center")
-    shards = RankShards(data, rank, world, cfg.batch_size // world, device, cfg.seed)
+    if cfg.data_mode == "stream":
+        data = stream.file_index(cfg)
+        shards = stream.StreamShards(data, rank, world, cfg.batch_size // world, device, cfg.seed, preset.resize,
+                                     "center", cfg.decode_cpus)
+    else:
+        data = load_image_data(cfg.data, cfg.data_root, preset.resize, fit="center")
+        shards = RankShards(data, rank, world, cfg.batch_size // world, device, cfg.seed)
     on_gpu = device.type == "cuda"
     scale = (cfg.min_crop_scale, 1.0)
 
@@ -267,6 +274,7 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> Tra
         model=model, optimizer=optimizer,
         train_batches=shards.train_batches, test_batches=shards.test_batches, steps_per_epoch=shards.steps_per_epoch,
         prepare=prepare,  # task: classification, the default
+        stats=getattr(shards, "stats", None),
         meta={"classes": data.classes, "arch": source.arch, "image_size": [preset.crop, preset.crop],
               "preset": preset.to_dict(), "weights": source.origin if cfg.mode == "finetune" else "random init"},
     )
@@ -288,10 +296,18 @@ def validate(cfg: Config) -> Source:
     if cfg.mode == "scratch" and cfg.freeze_backbone:
         raise UserError("--freeze-backbone needs --mode finetune (a random backbone would stay random)")
     source = load_source(cfg.weights, cfg.image_size, load=cfg.mode == "finetune")
-    data = load_image_data(cfg.data, cfg.data_root, source.preset.resize, fit="center")
-    if len(data.train_x) < cfg.num_workers or len(data.test_x) < 1:
-        raise UserError(f"dataset {cfg.data} is too small ({len(data.train_x)} train, {len(data.test_x)} test images)")
-    build_classifier(cfg, source, len(data.classes))  # a mismatching checkpoint fails here, naming the key
+    resize = source.preset.resize
+    index = stream.file_index(cfg)
+    stream.plan(cfg, index, (resize, resize))
+    if cfg.data_mode == "resident":
+        data = load_image_data(cfg.data, cfg.data_root, resize, fit="center")
+        n_train, n_test, classes = len(data.train_x), len(data.test_x), data.classes
+    else:
+        stream.first_image_size(open_source(index.location), index)  # not an image: one line now
+        n_train, n_test, classes = len(index.train), len(index.test), index.classes
+    if n_train < cfg.num_workers or n_test < 1:
+        raise UserError(f"dataset {cfg.data} is too small ({n_train} train, {n_test} test images)")
+    build_classifier(cfg, source, len(classes))  # a mismatching checkpoint fails here, naming the key
     return source
 
 

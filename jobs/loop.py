@@ -84,6 +84,7 @@ class TrainSetup:
     train=True). `task` says what is learnt (`Task`; default `Classification()`). `schedule` maps
     progress in [0, 1] over the planned steps to the lr multiplier of every parameter group;
     `averager` (`Lookahead`) averages weights after every step. `meta` goes into every checkpoint.
+    `stats()` (optional) returns counts since its last call, the same keys on every rank.
     """
 
     model: nn.Module
@@ -96,6 +97,7 @@ class TrainSetup:
     schedule: Callable[[float], float] = constant
     averager: Lookahead | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    stats: Callable[[], dict[str, float]] | None = None  # per-epoch counts from the data (bad files), summed over ranks
 
 
 class Amp:
@@ -178,7 +180,10 @@ def train(cfg, job, session, rank: int, world: int, device: torch.device) -> lis
                    **epoch_means("test", test_sums, setup.task.metrics),
                    "examples_per_sec": train_sums["count"] / train_time, "epoch_time_s": time.perf_counter() - t0,
                    "lr": setup.optimizer.param_groups[0]["lr"], "steps": epoch * setup.steps_per_epoch + steps_run,
-                   "train_time_s": steps.elapsed, "precision": amp.name}
+                   "train_time_s": steps.elapsed, "precision": amp.name,
+                   "train_examples": train_sums["count"], "test_examples": test_sums["count"] if test_sums else None,
+                   "worker_peak_rss_mb": peak_rss_mb(device),
+                   **(all_reduce_sums(setup.stats(), device) if setup.stats else {})}
         history.append(metrics)
         if rank == 0:
             print_epoch(metrics, steps)
@@ -249,6 +254,16 @@ def all_reduce_sums(values: dict[str, Any], device) -> dict[str, float]:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def peak_rss_mb(device) -> float:
+    """The largest peak resident memory of any rank's process so far, in MB (Linux: ru_maxrss is KB)."""
+    import resource
+
+    t = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def epoch_means(split: str, sums: dict[str, float] | None, metrics: tuple[str, ...]) -> dict[str, float | None]:
