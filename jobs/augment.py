@@ -15,9 +15,10 @@ from torch import nn
 
 from jobs.transforms import AugmentSpec, alternating_flip, compose, flip_bits, parse_aug_names
 from jobs.cli import UserError, run_cli
-from jobs import driver
+from jobs import driver, stream
 from jobs.config import RunOptions, build_parser, option
-from jobs.data import RankShards, iterate_batches, load_image_data
+from jobs.data import RankShards, load_image_data
+from jobs.sources import FileSource
 from jobs.airbench import Lookahead, sgd_param_groups, warmup_decay
 from jobs.loop import Classification, TrainSetup, constant
 from jobs.models import MODELS, build_model, init_whitening_
@@ -44,7 +45,7 @@ def recipe_default(key: str) -> str:
 
 
 @dataclass
-class Config(RunOptions):
+class Config(stream.DataOptions, RunOptions):
     """The augmentation job. Defaults are the reference recipe (SPEC section 1); `recipe="fast"`
     changes the defaults of the fields left None (see RECIPES); any field can still be set."""
 
@@ -114,24 +115,34 @@ class Config(RunOptions):
 
 
 def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> TrainSetup:
-    """Data resident as uint8 (on the GPU when there is one), batched device-side augmentation."""
-    data = load_image_data(cfg.data, cfg.data_root, cfg.image_size).subset(cfg.limit_train, cfg.limit_test)
-    shards = RankShards(data, rank, world, cfg.batch_size // world, device, cfg.seed)
+    """Data resident as uint8 (on the GPU when there is one) or streamed (--data-mode), batched
+    device-side augmentation."""
+    batch = cfg.batch_size // world
+    if cfg.data_mode == "stream":
+        index = stream.file_index(cfg)
+        shards = stream.StreamShards(index, rank, world, batch, device, cfg.seed, cfg.image_size, "stretch",
+                                     cfg.decode_cpus)
+        head, classes, image_size, n_train = shards.sample(10000), index.classes, shards.shape, len(index.train)
+    else:
+        data = load_image_data(cfg.data, cfg.data_root, cfg.image_size).subset(cfg.limit_train, cfg.limit_test)
+        shards = RankShards(data, rank, world, batch, device, cfg.seed)
+        head, classes, image_size, n_train = data.train_x[:10000], data.classes, data.image_size, len(data.train_x)
     on_gpu = device.type == "cuda"
     names = parse_aug_names(cfg.aug)
     augment = compose(names, AugmentSpec())
-    bits = flip_bits(len(shards.train_x), cfg.seed).to(shards.home) if "altflip" in names else None
+    bits = flip_bits(n_train, cfg.seed) if "altflip" in names else None
 
     def train_batches(epoch):
-        idx = shards.train_indices(epoch)
-        batches = iterate_batches(shards.train_x, shards.train_y, idx, shards.batch, device)
+        nonlocal bits
         if bits is None:
-            return batches
-        flips = (bits[i] for i in idx.split(shards.batch))  # the same order as the batches
-        return ((alternating_flip(x, b, epoch), y) for (x, y), b in zip(batches, flips))
+            yield from shards.train_batches(epoch)
+            return
+        for x, y in shards.train_batches(epoch):  # each image flipped on alternate epochs
+            bits = bits.to(shards.last_indices.device)  # a no-op after the first batch
+            yield alternating_flip(x, bits[shards.last_indices].to(x.device), epoch), y
 
     # pixels in [0, 1], optionally standardised per channel with the training set's statistics
-    mean, std = channel_stats(data.train_x[:10000]) if cfg.normalize else ((0.0,) * 3, (1.0,) * 3)
+    mean, std = channel_stats(head) if cfg.normalize else ((0.0,) * 3, (1.0,) * 3)
     shift = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
     scale = 1 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
 
@@ -141,14 +152,14 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> Tra
             x = augment(x, g)
         return x.contiguous(memory_format=torch.channels_last if on_gpu or cfg.channels_last else torch.contiguous_format)
 
-    model = build_model(cfg.arch, len(data.classes))
+    model = build_model(cfg.arch, len(classes))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.whiten:
         if not isinstance(getattr(model, "whiten", None), nn.Conv2d):
             raise UserError(f"--whiten needs a model with a whitening layer (fast_cifar_net*), not {cfg.arch}")
         # the same images on every rank -> the same filters (DDP broadcasts rank 0's weights anyway)
-        sample = (data.train_x[:5000].float() - shift.cpu()) * scale.cpu()
+        sample = (head[:5000].float() - shift.cpu()) * scale.cpu()
         init_whitening_(model.whiten, sample)
         model.whiten.weight.requires_grad_(False)  # frozen: it stays a whitening transform
     if cfg.optimizer == "sgd":
@@ -157,14 +168,15 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> Tra
     else:
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                      weight_decay=cfg.weight_decay)
-    preset = Preset(data.image_size[0], data.image_size[0], mean, std) if cfg.normalize else Preset.plain(data.image_size[0])
+    preset = Preset(image_size[0], image_size[0], mean, std) if cfg.normalize else Preset.plain(image_size[0])
     return TrainSetup(
         model=model, optimizer=optimizer,
         train_batches=train_batches, test_batches=shards.test_batches, steps_per_epoch=shards.steps_per_epoch,
         prepare=prepare, task=Classification(cfg.label_smoothing, cfg.tta),
         schedule=(lambda p: warmup_decay(p, cfg.warmup)) if cfg.schedule == "warmup-decay" else constant,
         averager=Lookahead() if cfg.lookahead else None,
-        meta={"classes": data.classes, "arch": cfg.arch, "image_size": list(data.image_size),
+        stats=getattr(shards, "stats", None),
+        meta={"classes": classes, "arch": cfg.arch, "image_size": list(image_size),
               "preset": preset.to_dict()},
     )
 
@@ -187,9 +199,18 @@ def validate(cfg: Config) -> None:
         raise UserError(f"--whiten needs a fast_cifar_net* model, not {cfg.arch} (pass --no-whiten)")
     if cfg.batch_size < cfg.num_workers:
         raise UserError(f"--batch-size {cfg.batch_size} is smaller than --num-workers {cfg.num_workers}")
-    data = load_image_data(cfg.data, cfg.data_root, cfg.image_size)
-    if len(data.train_x) < cfg.num_workers or len(data.test_x) < 1:
-        raise UserError(f"dataset {cfg.data} is too small ({len(data.train_x)} train, {len(data.test_x)} test images)")
+    index = stream.file_index(cfg)
+    size = (cfg.image_size, cfg.image_size) if cfg.image_size else None
+    if index is not None and size is None:
+        size = stream.first_image_size(FileSource(index.location), index)  # not an image: one line now
+    stream.plan(cfg, index, size or (32, 32))
+    if cfg.data_mode == "resident":
+        data = load_image_data(cfg.data, cfg.data_root, cfg.image_size).subset(cfg.limit_train, cfg.limit_test)
+        n_train, n_test = len(data.train_x), len(data.test_x)
+    else:
+        n_train, n_test = len(index.train), len(index.test)
+    if n_train < cfg.num_workers or n_test < 1:
+        raise UserError(f"dataset {cfg.data} is too small ({n_train} train, {n_test} test images)")
 
 
 def main(argv=None) -> int:

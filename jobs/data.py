@@ -330,7 +330,10 @@ class RankShards:
         return shard_indices(len(self.train_x), self.rank, self.world, epoch, self.seed).to(self.home)
 
     def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iterate_batches(self.train_x, self.train_y, self.train_indices(epoch), self.batch, self.device)
+        """This epoch's batches; `last_indices` holds the dataset positions of the batch just yielded."""
+        for idx in self.train_indices(epoch).split(self.batch):
+            self.last_indices = idx
+            yield self.train_x[idx].to(self.device, non_blocking=True), self.train_y[idx].to(self.device, non_blocking=True)
 
     def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = torch.arange(self.rank, len(self.test_x), self.world, device=self.home)

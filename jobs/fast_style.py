@@ -28,7 +28,7 @@ import torch
 
 from jobs.transforms import horizontal_flip
 from jobs.cli import UserError, run_cli
-from jobs import driver
+from jobs import driver, stream
 from jobs.config import RunOptions, build_parser, option
 from jobs.paths import is_uri, storage_dir
 from jobs.data import RankShards, load_content_images
@@ -39,7 +39,7 @@ from jobs.vgg import RANDOM_WEIGHTS_WARNING, VGGFeatures, load_vgg
 from jobs.transformer_net import MIN_SIDE, TransformerNet, save_style_model, valid_style_name
 
 @dataclass
-class Config(StyleLosses, RunOptions):
+class Config(StyleLosses, stream.DataOptions, RunOptions):
     """One style's training run. Losses, layers and weights are jobs.style's (`StyleLosses`, SPEC section 3);
     optimiser, batch and image size follow Johnson et al. (Adam 1e-3, batch 4 per GPU, 256 px, 2 epochs of COCO)."""
 
@@ -147,11 +147,19 @@ class PerceptualTask:
 
 
 def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> TrainSetup:
-    """Content images resident as uint8; frozen VGG and the style's Gram targets built once per worker."""
-    data = load_content_images(cfg.data, cfg.data_root, cfg.image_size, cfg.limit_train).subset(
-        cfg.limit_train, cfg.limit_test)
+    """Content images resident as uint8 or streamed (--data-mode); frozen VGG and the style's Gram
+    targets built once per worker."""
+    batch = max(1, cfg.batch_size // world)
+    if cfg.data_mode == "stream":
+        shards = stream.StreamShards(stream.file_index(cfg, content=True), rank, world, batch, device, cfg.seed,
+                                     cfg.image_size, "center", cfg.decode_cpus)
+        preview = shards.sample(cfg.preview_count, "test") if cfg.preview_count else torch.zeros(0, 3, 1, 1)
+    else:
+        data = load_content_images(cfg.data, cfg.data_root, cfg.image_size, cfg.limit_train).subset(
+            cfg.limit_train, cfg.limit_test)
+        shards = RankShards(data, rank, world, batch, device, cfg.seed)
+        preview = shards.test_x[:cfg.preview_count]
     on_gpu = device.type == "cuda"
-    shards = RankShards(data, rank, world, max(1, cfg.batch_size // world), device, cfg.seed)
 
     scfg = cfg.style_config()
     extractor = VGGFeatures(load_vgg(cfg.weights, cfg.seed), max(scfg.content_layers + scfg.style_layers)).to(device)
@@ -165,13 +173,14 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> Tra
             x = horizontal_flip(x, g)  # the content target is the flipped image itself: always consistent
         return x.contiguous(memory_format=torch.channels_last) if on_gpu else x
 
-    preview = shards.test_x[:cfg.preview_count].to(device)
+    preview = preview.to(device)
     model = TransformerNet()
     return TrainSetup(
         model=model, optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
         train_batches=shards.train_batches, test_batches=shards.test_batches, steps_per_epoch=shards.steps_per_epoch,
         prepare=prepare,
         task=PerceptualTask(extractor, grams, scfg, preview, storage_dir(cfg.storage_path, cfg.name) / "previews"),
+        stats=getattr(shards, "stats", None),
         meta={"kind": "fast_style", "style_name": cfg.style_name, "style": cfg.style, "image_size": cfg.image_size},
     )
 
@@ -242,10 +251,16 @@ def validate(cfg: Config) -> None:
     load_vgg(cfg.weights, cfg.seed)  # imagenet weights missing offline -> one line now, not on every worker
     if cfg.weights == "random":
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr, flush=True)
-    data = load_content_images(cfg.data, cfg.data_root, cfg.image_size, cfg.limit_train)
-    n = len(data.train_x[:cfg.limit_train])
-    if n < cfg.num_workers or len(data.test_x) < 1:
-        raise UserError(f"{cfg.data}: too few content images ({n} train, {len(data.test_x)} validation)")
+    index = stream.file_index(cfg, content=True)
+    stream.plan(cfg, index, (cfg.image_size, cfg.image_size))
+    if cfg.data_mode == "resident":
+        data = load_content_images(cfg.data, cfg.data_root, cfg.image_size, cfg.limit_train).subset(
+            cfg.limit_train, cfg.limit_test)
+        n, n_val = len(data.train_x), len(data.test_x)
+    else:
+        n, n_val = len(index.train), len(index.test)
+    if n < cfg.num_workers or n_val < 1:
+        raise UserError(f"{cfg.data}: too few content images ({n} train, {n_val} validation)")
 
 
 def main(argv=None) -> int:

@@ -149,14 +149,16 @@ _SOURCES: dict[str, FileSource] = {}  # per task process: an open zip's director
 
 def decode_rows(batch: dict[str, np.ndarray], location: str, size: int | None, fit: str,
                 shape: tuple[int, int], fill: bool) -> dict[str, np.ndarray]:
-    """A Ray Data batch of {"name", "label"} -> {"image": (B, H, W, 3) uint8, "label", "bad"}.
+    """A Ray Data batch of {"name", "label", "i"} -> {"image": (B, H, W, 3) uint8, "label", "bad", "i"}
+    ("i": the image's position in its split, passed through).
 
     A file that does not decode to `shape` is marked bad=1 and, with `fill`, replaced by a copy of
-    another row of the batch (its label too) so that the row count stays; else its image is zeros."""
+    another row of the batch (its label and position too) so that the row count stays; else its
+    image is zeros."""
     from jobs.images import decode_pixels
 
     files = _SOURCES.get(location) or _SOURCES.setdefault(location, FileSource(location))
-    names, labels = batch["name"], batch["label"].copy()
+    names, labels, position = batch["name"], batch["label"].copy(), batch["i"].copy()
     images = np.zeros((len(names), *shape, 3), np.uint8)
     bad = np.zeros(len(names), np.int64)
     for i, name in enumerate(names):
@@ -172,8 +174,9 @@ def decode_rows(batch: dict[str, np.ndarray], location: str, size: int | None, f
     good = np.flatnonzero(bad == 0)
     if fill and len(good):
         for j, i in enumerate(np.flatnonzero(bad)):
-            images[i], labels[i] = images[good[j % len(good)]], labels[good[j % len(good)]]
-    return {"image": images, "label": labels, "bad": bad}
+            k = good[j % len(good)]
+            images[i], labels[i], position[i] = images[k], labels[k], position[k]
+    return {"image": images, "label": labels, "bad": bad, "i": position}
 
 
 # ----------------------------------------------------------------------------- one rank's view
@@ -181,7 +184,8 @@ def decode_rows(batch: dict[str, np.ndarray], location: str, size: int | None, f
 class StreamShards:
     """One DDP rank's view of a `FileIndex` streamed through Ray Data: the same interface as
     `jobs.data.RankShards` (train_batches(epoch), test_batches(), steps_per_epoch), plus `stats()`:
-    the bad files seen since the last call."""
+    the bad files seen since the last call, `last_indices`: the positions in the split of the batch
+    just yielded (per-image state such as alternating flips), and `sample(k)`: the first k images."""
 
     def __init__(self, index: FileIndex, rank: int, world: int, batch: int, device: torch.device, seed: int,
                  image_size: int | None, fit: str, decode_cpus: float = 1.0, prefetch_batches: int = 2):
@@ -190,32 +194,48 @@ class StreamShards:
         self.shape = (image_size, image_size) if image_size else first_image_size(FileSource(index.location), index)
         self.steps_per_epoch = math.ceil(len(index.train) // world / batch)  # the same on every rank
         self.bad = {"bad_train_files": 0, "bad_test_files": 0}
+        self.last_indices = torch.zeros(0, dtype=torch.long)
         quiet_ray_data()
 
     def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from jobs.data import shard_indices
 
         idx = shard_indices(len(self.index.train), self.rank, self.world, epoch, self.seed).tolist()
-        names = [self.index.train[i] for i in idx]
-        return self._batches(names, self.index.train_labels[idx], fill=True, counter="bad_train_files")
+        return self._batches(self.index.train, self.index.train_labels, idx, fill=True, counter="bad_train_files")
 
     def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        names = self.index.test[self.rank::self.world]
-        return self._batches(names, self.index.test_labels[self.rank::self.world], fill=False,
-                             counter="bad_test_files")
+        idx = list(range(self.rank, len(self.index.test), self.world))
+        return self._batches(self.index.test, self.index.test_labels, idx, fill=False, counter="bad_test_files")
+
+    def sample(self, k: int, split: str = "train", max_bytes: float = 2e8) -> torch.Tensor:
+        """The split's first k images (fewer where k of them would pass `max_bytes`) decoded here, as
+        uint8 (k, 3, H, W): the statistics and previews resident mode takes from the set's head."""
+        from jobs.images import decode_pixels
+
+        names = getattr(self.index, split)
+        k = max(1, min(k, len(names), int(max_bytes // (3 * self.shape[0] * self.shape[1]))))
+        files, xs = FileSource(self.index.location), []
+        for name in names[:k]:
+            try:
+                xs.append(decode_pixels(files.read(name), name, self.size, self.fit))
+            except (UserError, OSError):
+                continue  # counted when the epoch streams it
+        files.close()
+        xs = [x for x in xs if x.shape[:2] == tuple(self.shape)]
+        return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
 
     def stats(self) -> dict[str, float]:
         """Bad files counted since the last call (this rank's; the loop sums them over ranks)."""
         out, self.bad = self.bad, dict.fromkeys(self.bad, 0)
         return out
 
-    def _batches(self, names: list[str], labels: torch.Tensor, fill: bool, counter: str
+    def _batches(self, names: list[str], labels: torch.Tensor, idx: list[int], fill: bool, counter: str
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         import ray.data
 
-        if not names:
+        if not idx:
             return
-        items = [{"name": n, "label": int(y)} for n, y in zip(names, labels.tolist())]
+        items = [{"name": names[i], "label": int(labels[i]), "i": i} for i in idx]
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / ROWS_PER_TASK)))
         ds = ds.map_batches(decode_rows, batch_size=ROWS_PER_TASK, num_cpus=self.decode_cpus,
                             fn_kwargs={"location": self.index.location, "size": self.size, "fit": self.fit,
@@ -223,11 +243,12 @@ class StreamShards:
         for b in ds.iter_torch_batches(batch_size=self.batch, prefetch_batches=self.prefetch, device="cpu"):
             bad = b["bad"].bool()
             self.bad[counter] += int(bad.sum())
-            images, y = b["image"], b["label"]
+            images, y, position = b["image"], b["label"], b["i"]
             if not fill and bad.any():
-                images, y = images[~bad], y[~bad]
+                images, y, position = images[~bad], y[~bad], position[~bad]
                 if not len(y):
                     continue
+            self.last_indices = position
             # NHWC over the wire -> NCHW uint8 on the device: what RankShards yields
             yield images.permute(0, 3, 1, 2).to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
