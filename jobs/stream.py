@@ -237,7 +237,9 @@ class StreamShards:
             return
         items = [{"name": names[i], "label": int(labels[i]), "i": i} for i in idx]
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / ROWS_PER_TASK)))
-        ds = ds.map_batches(decode_rows, batch_size=ROWS_PER_TASK, num_cpus=self.decode_cpus,
+        # "DEFAULT": never inside a placement group that captures child tasks (a Tune trial's): Ray
+        # Data sizes its work from the cluster's free CPUs and would wait forever for the group's
+        ds = ds.map_batches(decode_rows, batch_size=ROWS_PER_TASK, num_cpus=self.decode_cpus, scheduling_strategy="DEFAULT",
                             fn_kwargs={"location": self.index.location, "size": self.size, "fit": self.fit,
                                        "shape": self.shape, "fill": fill})
         for b in ds.iter_torch_batches(batch_size=self.batch, prefetch_batches=self.prefetch, device="cpu"):

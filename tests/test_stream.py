@@ -13,7 +13,7 @@ from PIL import Image
 
 from jobs import augment, driver, fast_style, finetune, loop
 from jobs.cli import UserError
-from jobs.data import RankShards, load_image_data, make_synthetic
+from jobs.data import load_image_data, make_synthetic
 from jobs.presets import Preset
 from jobs.sources import FileSource, index_content, index_image_folder
 from jobs.stream import StreamShards, choose_mode, decode_rows

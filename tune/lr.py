@@ -61,9 +61,16 @@ def train_trial(config: dict[str, Any]) -> None:
         driver.fit(job, cfg, callbacks=[TuneReportCallback()])
 
 
+def decode_cpus(base) -> float:
+    """CPUs a trial's stream-mode decode tasks hold (0 in resident mode)."""
+    return base.decode_cpus if getattr(base, "data_mode", "resident") == "stream" else 0.0
+
+
 def trial_resources(base, driver_cpus: float) -> dict[str, float]:
     """What Tune reserves for one trial's process. One worker: the trial process is the worker.
-    More: the trial function only drives a TorchTrainer, whose workers Ray Train places on top."""
+    More: the trial function only drives a TorchTrainer, whose workers Ray Train places on top.
+    Stream mode's decode tasks run outside the trial's placement group (jobs.stream schedules them
+    explicitly), on CPUs that `build_tuner` leaves free when it sizes the concurrency."""
     if base.num_workers == 1:
         return {"CPU": base.cpus_per_worker, "GPU": 1 if base.use_gpu else 0}
     if driver_cpus == 0:  # Tune refuses an empty reservation: hold a little (logical) memory instead
@@ -185,7 +192,8 @@ def build_tuner(args, base, path: str, restore: bool, space: dict[str, Any] | No
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    per_trial_cpu = base.num_workers * base.cpus_per_worker + (args.driver_cpus if base.num_workers > 1 else 0)
+    per_trial_cpu = (base.num_workers * base.cpus_per_worker + (args.driver_cpus if base.num_workers > 1 else 0)
+                     + decode_cpus(base))
     per_trial_gpu = base.num_workers if base.use_gpu else 0
     trainable = tune.with_resources(train_trial, trial_resources(base, args.driver_cpus))
     if restore:
