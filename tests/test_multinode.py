@@ -113,6 +113,29 @@ def test_augment_job_runs_on_two_nodes(cluster, tmp_path):
 
 
 @pytest.mark.slow
+def test_stream_mode_job_runs_on_two_nodes(cluster, tmp_path):
+    """Stream mode across the two nodes (the one test_augment_job_runs_on_two_nodes added): the data on
+    a path both nodes see, the workers SPREAD, Ray Data decoding on the nodes' CPUs. Every CPU is held
+    by a worker, so the decode tasks reserve none (--decode-cpus 0)."""
+    from test_stream import make_folder
+
+    if len(cluster.pgids) < 2:
+        pytest.skip("needs the second node that test_augment_job_runs_on_two_nodes adds")
+    folder = make_folder(tmp_path / "set", n_train=64, n_test=20, size=16)
+    storage = tmp_path / "results"
+    cmd = [sys.executable, "-m", "jobs.submit", "--address", cluster.dashboard_url, "--env", f"RAY_ADDRESS={cluster.address}",
+           "jobs.augment", "--data", str(folder), "--data-mode", "stream", "--decode-cpus", "0", "--epochs", "2",
+           "--batch-size", "16", "--num-workers", "2", "--placement-strategy", "SPREAD",
+           "--storage-path", str(storage), "--name", "streamed"]
+    r = subprocess.run(cmd, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    result = json.loads((storage / "streamed" / "result.json").read_text())
+    assert result["config"]["data_mode"] == "stream" and result["config"]["placement_strategy"] == "SPREAD"
+    assert [h["train_examples"] for h in result["history"]] == [64, 64]
+    assert [h["test_examples"] for h in result["history"]] == [20, 20]
+
+
+@pytest.mark.slow
 def test_submit_reports_a_failed_job(cluster, tmp_path):
     """A job that fails on the cluster (here: more workers than the cluster grows to within the
     job's wait for the autoscaler): the client streams its one-line error and exits 1."""

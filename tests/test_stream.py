@@ -241,3 +241,20 @@ def test_fast_style_streams_content_images_from_a_uri(local_ray, tmp_path):
     summary = driver.fit("jobs.fast_style", cfg)
     assert summary["train_examples"] == 16 and summary["test_examples"] == 8  # 24 images, 8 held out
     assert (tmp_path / "fs" / "previews").is_dir()
+
+
+def test_tune_sizes_trials_with_the_decode_cpus_and_the_driver_checks_them(monkeypatch):
+    from tune import lr
+
+    assert lr.decode_cpus(augment.Config(data_mode="stream", decode_cpus=2)) == 2
+    assert lr.decode_cpus(augment.Config(data_mode="resident")) == 0
+    import ray
+
+    from jobs.stream import check_decode_cpus
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(UserError, match="hold 2 of the cluster's 2 CPUs; pass --decode-cpus 0"):
+        check_decode_cpus(finetune.Config(data_mode="stream", num_workers=2))
+    check_decode_cpus(finetune.Config(data_mode="stream", num_workers=1))
+    check_decode_cpus(finetune.Config(data_mode="stream", num_workers=2, decode_cpus=0))
+    check_decode_cpus(finetune.Config(data_mode="resident", num_workers=2))
