@@ -29,7 +29,11 @@ def form_fields(*names: str, raw: bool = False) -> Callable:
         if not is_multipart(request):
             if raw:
                 return
-            if not await request.body():
+            try:
+                empty = not await request.body()
+            except RuntimeError:  # FastAPI read it already for the Form parameters (a url-encoded form)
+                empty = False
+            if empty:
                 raise ApiError(400, f"empty body: send multipart/form-data with fields {expected}")
             raise ApiError(415, f"send multipart/form-data with fields {expected}")
         form = await request.form()  # parsed already, for the route's parameters
@@ -57,7 +61,11 @@ async def image_bytes(request: Request, upload: UploadFile | None, name: str) ->
         return await file_bytes(upload, name)
     if is_multipart(request):
         raise ApiError(422, f"missing file field {name!r}")
-    data = await request.body()
+    try:
+        data = await request.body()
+    except RuntimeError:  # FastAPI read it already for the Form parameters: a url-encoded form holds no image
+        raise ApiError(415, f"send the image as the raw body or as the multipart/form-data file field {name!r}, "
+                            "not as a url-encoded form") from None
     if not data:
         raise ApiError(400, "empty body: send an image")
     return data
