@@ -13,7 +13,7 @@ import time
 
 from jobs.cli import UserError, init_ray, run_cli
 from jobs.config import build_parser, load_config
-from serve.config import ServeConfig, check_serve_config
+from serve.config import ServeConfig, check_fits, check_serve_config
 
 APP_NAME = "raycv"
 
@@ -27,8 +27,9 @@ def build_cli() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1", help="HTTP bind address, 0.0.0.0 to accept other machines (default: 127.0.0.1)")
     g.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     g.add_argument("--num-cpus", type=int, default=None, metavar="N", help="CPUs of the embedded Ray (default: all)")
-    g.add_argument("--request-timeout-s", type=float, default=None, metavar="X",
-                   help="HTTP proxy timeout for any request (408 past it); default none")
+    g.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="port of the embedded Ray's Prometheus metrics endpoint (http://127.0.0.1:PORT/metrics; "
+                        "default: a free port Ray picks; a cluster's own is set by `ray start --metrics-export-port`)")
     g.add_argument("--batch-wait-ms", type=float, default=None, metavar="MS",
                    help="--batch-wait-timeout-s in milliseconds (the older flag)")
     return p
@@ -76,14 +77,27 @@ def main(argv: list[str] | None = None) -> int:
 
     from serve.app import build_app
 
-    init_ray(args.address, num_cpus=args.num_cpus, include_dashboard=False)
-    http = {"host": args.host, "port": args.port}
-    if args.request_timeout_s:
-        http["request_timeout_s"] = args.request_timeout_s
-    serve.start(http_options=http)
+    import ray
+
+    extra = {}
+    if args.metrics_port is not None and not (args.address or os.environ.get("RAY_ADDRESS")):
+        extra["_metrics_export_port"] = args.metrics_port
+    init_ray(args.address, num_cpus=args.num_cpus, include_dashboard=False, **extra)
+    # a replica Ray cannot place never starts and its routes would wait: refuse here, in one line
+    free = ray.available_resources()
+    try:
+        check_fits(cfg, free.get("CPU", 0.0), free.get("GPU", 0.0))
+    except UserError:
+        ray.shutdown()
+        raise
+    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": cfg.request_timeout_s})
     serve.run(build_app(dataclasses.asdict(cfg)), name=APP_NAME, route_prefix="/")
     url = f"http://{args.host}:{args.port}"
-    print(f"serving on {url}/  (API docs {url}/docs, health {url}/healthz); Ctrl-C stops", flush=True)
+    print(f"serving on {url}/  (API docs {url}/docs, health {url}/healthz, ready {url}/readyz); Ctrl-C stops",
+          flush=True)
+    node = ray._private.worker._global_node
+    if node is not None and getattr(node, "metrics_export_port", None):
+        print(f"Prometheus metrics: http://127.0.0.1:{node.metrics_export_port}/metrics", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops as cleanly as Ctrl-C
     try:
         while True:

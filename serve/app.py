@@ -3,8 +3,11 @@ and `build_app`, which wires them from a ServeConfig.
 
 Routes (OpenAPI at /docs, generated from the signatures below):
     GET  /                          the web page (serve/page.py)
-    GET  /healthz                   what is served (artifact name + content hash, no paths), job counts
-    POST /classify                  image (raw body or multipart `file`) -> {"label", "score", "probabilities"}
+    GET  /healthz                   liveness: what is served (artifact name + content hash, no paths), job counts
+    GET  /readyz                    readiness: 200 once every deployment has a replica that loaded its model and
+                                    ran one warm-up inference, 503 (JSON, Retry-After) before
+    POST /classify                  image (raw body or multipart `file`) -> {"label", "score", "probabilities",
+                                    "model_version"}
     POST /style/jobs                multipart `content`, `style`, optional `options` (JSON) -> 202 {"id", ...}
     GET  /style/jobs/{id}           status, attempt, progress (step, steps, content, style, tv losses)
     GET  /style/jobs/{id}/result    the PNG once done (409 before)
@@ -16,11 +19,17 @@ Routes (OpenAPI at /docs, generated from the signatures below):
 
 Every answer other than 2xx is JSON {"error": "..."} (serve/errors.py); bodies over max_body_mb
 are refused before they are read (serve/body_limit.py), and so are writes from a web page of another
-origin unless allow_origin names it (serve/origin.py).
+origin unless allow_origin names it (serve/origin.py). A route whose deployment has no running
+replica answers 503 + Retry-After at once instead of waiting in Serve's router (the ingress asks the
+controller at most once a second), and so does a style route while the job store does not answer.
+Every request's latency goes to the Prometheus histogram raycv_request_seconds (serve/metrics.py).
 """
 
+import asyncio
 import dataclasses
+import logging
 import os
+import time
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -33,13 +42,17 @@ from jobs.cli import UserError
 from serve.body_limit import BodyLimit
 from serve.classifier import ClassifierDeployment
 from serve.config import ServeConfig, config_from_dict
-from serve.errors import HANDLED, ApiError, answer, json_error
+from serve.errors import HANDLED, ApiError, Unavailable, answer, json_error
 from serve.fast_style import FastStylePool
 from serve.forms import RAW_IMAGE, file_bytes, form_fields, image_bytes
+from serve.metrics import RequestMetrics
 from serve.origin import SameOrigin, parse_allowed
 from serve.page import PAGE
-from serve.style_jobs import StyleJobs
+from serve.store_client import StoreUnavailable
+from serve.style_jobs import StyleJobs, queue_depth
 from serve.style_pool import StylePool
+
+log = logging.getLogger("ray.serve")
 
 app = FastAPI(
     title="raycv",
@@ -62,13 +75,17 @@ def allowed_origins() -> list[str]:
 
 
 app.add_middleware(BodyLimit, limit=body_limit)
-app.add_middleware(SameOrigin, allowed=allowed_origins)  # added last: runs first, before the body is read
+app.add_middleware(SameOrigin, allowed=allowed_origins)  # runs before the body is read
+app.add_middleware(RequestMetrics)  # added last: runs first, times every answer
 for _exc in HANDLED:
     app.add_exception_handler(_exc, json_error)
 
 IMAGE = "an image (PNG, JPEG, ...)"
 OPTIONS = 'JSON object of style options, e.g. {"size": [300, 450], "steps": 500, "style_weight": 1000}'
 PNG = {200: {"content": {"image/png": {}}}}
+UNAVAILABLE = {503: {"description": "no replica running, queue full, or job store not answering (Retry-After)"}}
+STATUS_TTL_S = 1.0  # the ingress asks the controller for the replicas' states at most this often
+NOT_READY = ("UNHEALTHY", "DEPLOY_FAILED")
 
 
 # Everything the routes use is defined above `Ingress`: `@serve.ingress` freezes a copy of `app`,
@@ -98,6 +115,43 @@ class Ingress:
         self.classifier = classifier
         self.fast = fast  # FastStylePool: trained style networks, multiplexed by style name
         self.jobs = StyleJobs(style, self.cfg) if style is not None else None
+        self.app_name = serve.get_replica_context().app_name
+        self.deployments = {"ClassifierDeployment": "classifier",
+                            **({"StylePool": "style pool"} if style is not None else {}),
+                            **({"FastStylePool": "style networks"} if fast is not None else {})}
+        self.states: dict[str, dict] | None = None  # deployment -> {"status", "running"}, from the controller
+        self.states_at = 0.0
+        self.refreshing: asyncio.Task | None = None
+
+    # ---------------------------------------------------------------- replica states (bounded waits)
+
+    async def _states(self, fresh: bool = False) -> dict[str, dict]:
+        """The app's deployments' states, at most STATUS_TTL_S old (`fresh`: asked now)."""
+        if fresh or self.states is None or time.monotonic() - self.states_at > STATUS_TTL_S:
+            if self.refreshing is None or self.refreshing.done():
+                self.refreshing = asyncio.create_task(self._refresh_states())
+            if fresh or self.states is None:
+                await asyncio.shield(self.refreshing)
+        return self.states or {}
+
+    async def _refresh_states(self) -> None:
+        try:
+            status = await asyncio.to_thread(serve.status)
+            application = status.applications.get(self.app_name)
+            deployments = application.deployments if application is not None else {}
+            self.states = {name: {"status": str(d.status.value), "running": int(d.replica_states.get("RUNNING", 0))}
+                           for name, d in deployments.items()}
+        except Exception as e:  # noqa: BLE001 - no controller answer: keep the last known states
+            log.warning("cannot read the deployments' states: %s", e)
+        self.states_at = time.monotonic()
+
+    async def _available(self, deployment: str) -> None:
+        """503 + Retry-After at once when `deployment` has no running replica: a call would wait in the
+        router until one starts (or forever, if it cannot be placed)."""
+        state = (await self._states()).get(deployment)
+        if state is not None and state["running"] == 0:
+            raise Unavailable(f"{self.deployments.get(deployment, deployment)}: no replica running "
+                              f"({state['status']}); retry shortly", retry_after=self.cfg.unavailable_retry_s)
 
     # ---------------------------------------------------------------- page and health
 
@@ -105,13 +159,38 @@ class Ingress:
     async def page(self) -> HTMLResponse:
         return HTMLResponse(PAGE)
 
-    @app.get("/healthz", summary="Liveness: what is served and the style queue")
+    @app.get("/healthz", summary="Liveness: what is served and the style queue (200 while the ingress runs)")
     async def healthz(self) -> dict:
-        out = {"status": "ok", "classifier": await answer("classifier", self.classifier.info.remote())}
+        out: dict[str, Any] = {"status": "ok"}
+        try:
+            await self._available("ClassifierDeployment")
+            out["classifier"] = await asyncio.wait_for(self.classifier.info.remote(), self.cfg.store_timeout_s)
+        except (Unavailable, asyncio.TimeoutError):
+            out["classifier"] = {"status": "unavailable"}
         if self.jobs is not None:
             weights = self.cfg.style_weights  # imagenet, random, or a state-dict path: only its file name shown
-            out["style"] = {"weights": os.path.basename(weights), **await self.jobs.store.stats.remote()}
+            try:
+                stats = await self.jobs.store.call("stats")
+                queue_depth(stats)
+            except StoreUnavailable as e:
+                stats = {"store": "unavailable", "error": e.detail}
+            out["style"] = {"weights": os.path.basename(weights), **stats}
         return out
+
+    @app.get("/readyz", summary="Readiness: 200 once every deployment has a warmed-up replica, 503 before",
+             responses={503: {"description": "not ready: which deployments have no warmed-up replica (Retry-After)"}})
+    async def readyz(self) -> JSONResponse:
+        """A replica's constructor loads its model and runs one warm-up inference, and Serve counts it
+        RUNNING only once the constructor returned: ready = each deployment has a RUNNING replica."""
+        states = await self._states()  # at most STATUS_TTL_S old: a flood of probes costs the controller nothing
+        shown = {self.deployments[name]: states.get(name, {"status": "UNKNOWN", "running": 0})
+                 for name in self.deployments}
+        waiting = [f"{what} ({s['status']}, {s['running']} running)" for what, s in shown.items()
+                   if s["running"] == 0 or s["status"] in NOT_READY]
+        if waiting:
+            return JSONResponse({"error": f"not ready: {', '.join(waiting)}", "deployments": shown}, status_code=503,
+                                headers={"Retry-After": str(self.cfg.unavailable_retry_s)})
+        return JSONResponse({"status": "ready", "deployments": shown})
 
     # ---------------------------------------------------------------- classifier
 
@@ -119,11 +198,13 @@ class Ingress:
               dependencies=[Depends(form_fields("file", raw=True))], openapi_extra=RAW_IMAGE,
               responses={200: {"description": '{"label": str, "score": float, "probabilities": {class: float}}'},
                          400: {"description": "empty body"}, 413: {"description": "body too large"},
-                         422: {"description": "not a usable image, or wrong form field"},
-                         503: {"description": "classifier queue full (Retry-After)"}})
+                         422: {"description": "not a usable image (or over --classify-max-pixels), or wrong "
+                                               "form field"},
+                         503: {"description": "classifier queue full or no replica running (Retry-After)"}})
     async def classify(self, request: Request,
                        file: Annotated[UploadFile | None, File(description=IMAGE)] = None) -> dict:
         data = await image_bytes(request, file, "file")
+        await self._available("ClassifierDeployment")
         return await answer("classifier", self.classifier.classify.remote(data))
 
     # ---------------------------------------------------------------- style jobs
@@ -131,24 +212,25 @@ class Ingress:
     @app.post("/style/jobs", status_code=202, summary="Submit a style-transfer job (202 + id)",
               dependencies=[Depends(form_fields("content", "style", "options"))],
               responses={202: {"description": '{"id", "status", "url", "result_url"}'},
-                         503: {"description": "queue full: Retry-After says when to try again"}})
+                         **UNAVAILABLE})
     async def submit_job(self, content: Annotated[UploadFile, File(description="content image")],
                          style: Annotated[UploadFile, File(description="style image")],
                          options: Annotated[str, Form(description=OPTIONS)] = "{}") -> JSONResponse:
-        job_id = await self._jobs().submit(await file_bytes(content, "content"), await file_bytes(style, "style"),
-                                           options, sync=False)
+        jobs = await self._style_pool()
+        job_id = await jobs.submit(await file_bytes(content, "content"), await file_bytes(style, "style"),
+                                   options, sync=False)
         url = f"/style/jobs/{job_id}"
         return JSONResponse({"id": job_id, "status": "queued", "url": url, "result_url": f"{url}/result"},
                             status_code=202, headers={"Location": url})
 
     @app.get("/style/jobs/{job_id}", summary="A job's status and progress (step, losses)")
     async def get_job(self, job_id: str) -> dict:
-        return known(job_id, await self._jobs().store.get.remote(job_id))
+        return known(job_id, await self._jobs().store.call("get", job_id))
 
     @app.get("/style/jobs/{job_id}/result", summary="The finished job's image (PNG)",
              responses={**PNG, 409: {"description": "not done (yet)"}})
     async def get_result(self, job_id: str) -> Response:
-        status, png = await self._jobs().store.result.remote(job_id)
+        status, png = await self._jobs().store.call("result", job_id)
         if known(job_id, status) != "done":
             raise ApiError(409, f"job {job_id} is {status}, no result", job_status=status)
         return Response(png, media_type="image/png")
@@ -159,13 +241,13 @@ class Ingress:
 
     @app.post("/style", summary="Stylize a small image and wait for the PNG (408 past the timeout)",
               dependencies=[Depends(form_fields("content", "style", "options"))],
-              responses={**PNG, 408: {"description": "not done within the timeout"}})
+              responses={**PNG, 408: {"description": "not done within the timeout"}, **UNAVAILABLE})
     async def style_sync(self, content: Annotated[UploadFile, File(description="content image")],
                          style: Annotated[UploadFile, File(description="style image")],
                          options: Annotated[str, Form(description=OPTIONS)] = "{}") -> Response:
-        jobs = self._jobs()
+        jobs = await self._style_pool()
         job_id = await jobs.submit(await file_bytes(content, "content"), await file_bytes(style, "style"),
-                                   options, sync=True)
+                                   options, sync=True)  # a client that goes away cancels the job (wait)
         return Response(await jobs.wait(job_id), media_type="image/png", headers={"X-Job-Id": job_id})
 
     def _jobs(self) -> StyleJobs:
@@ -173,18 +255,27 @@ class Ingress:
             raise ApiError(404, "style transfer is not enabled on this server")
         return self.jobs
 
+    async def _style_pool(self) -> StyleJobs:
+        """The style jobs, for a new submission: 503 at once while no style replica runs."""
+        jobs = self._jobs()
+        await self._available("StylePool")
+        return jobs
+
     # ---------------------------------------------------------------- real-time style (trained networks)
 
     @app.get("/styles", summary="The trained styles served by POST /style/fast")
     async def list_styles(self) -> dict:
         if self.fast is None:
             return {"styles": []}
+        await self._available("FastStylePool")
         return {"styles": await answer("style networks", self.fast.styles.remote())}
 
     @app.get("/styles/{name}/image", summary="A style's style image (JPEG thumbnail)",
              responses={200: {"content": {"image/jpeg": {}}}})
     async def style_image(self, name: str) -> Response:
-        data = await answer("style networks", self._fast().thumbnail.remote(name))
+        fast = self._fast()
+        await self._available("FastStylePool")
+        data = await answer("style networks", fast.thumbnail.remote(name))
         if data is None:
             raise ApiError(404, f"no style image for {name!r}")
         return Response(data, media_type="image/jpeg")
@@ -205,6 +296,7 @@ class Ingress:
         name = style or form_style
         if not name:
             raise ApiError(422, "name a style: ?style=NAME or the form field 'style' (GET /styles lists them)")
+        await self._available("FastStylePool")
         out = await answer("style networks", fast.options(multiplexed_model_id=name).stylize.remote(data))
         return Response(out["png"], media_type="image/png", headers=style_headers(name, out["ms"]))
 
@@ -223,7 +315,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     if not os.path.isdir(cfg.classifier):
         raise UserError(f"classifier artifact {cfg.classifier} is not a directory")
     knobs = {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
-             "max_pixels": cfg.max_pixels, "precision": cfg.classifier_precision}
+             "max_pixels": cfg.classify_max_pixels, "precision": cfg.classifier_precision}
     classifier = ClassifierDeployment.options(
         num_replicas=cfg.classifier_replicas,
         max_ongoing_requests=max(cfg.classifier_max_ongoing, cfg.max_batch_size),  # else batches never fill
@@ -244,7 +336,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
             **scaling, max_ongoing_requests=1, max_queued_requests=cfg.style_max_queued,
             ray_actor_options=resources(cfg.style_cpus, cfg.style_gpus),
         ).bind(weights=cfg.style_weights, device=cfg.style_device, threads=max(1, round(cfg.style_cpus)),
-               store=[cfg.job_store_name, cfg.max_style_jobs, cfg.job_lease_s, cfg.job_ttl_s, cfg.job_max_attempts])
+               store=cfg.store_args(), job_max_s=cfg.style_job_max_s, lease_s=cfg.job_lease_s,
+               store_timeout_s=cfg.store_timeout_s)
     fast = None
     if cfg.fast_styles:
         fast = FastStylePool.options(

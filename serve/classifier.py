@@ -3,7 +3,8 @@
 One request = one image's bytes. The replica decodes it with the safe loader of jobs/images.py
 and applies the artifact's own eval transform (`Preset.eval_transform`, the test-time transform of
 training) in a worker thread, so the event loop stays free to form batches; `@serve.batch` stacks
-concurrent requests into one forward pass. A new artifact is swapped in through `user_config`
+concurrent requests into one forward pass. Each answer names the model version it came from (the
+first 12 hex digits of the artifact's content hash), so a client sees a hot swap. A new artifact is swapped in through `user_config`
 (`reconfigure`), without restarting the replica. A bad image raises `ImageInputError`, which the
 ingress answers with a 422.
 """
@@ -13,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
 from typing import Callable, NamedTuple
 
 import torch
@@ -21,7 +23,9 @@ from ray import serve
 from jobs.artifact import ArtifactError, load_artifact
 from jobs.images import load_image
 from jobs.precision import autocast_dtype, dtype_name
+from serve.config import CLASSIFY_MAX_PIXELS
 from serve.errors import quiet_client_errors
+from serve.metrics import metric
 
 log = logging.getLogger("ray.serve")
 
@@ -64,7 +68,7 @@ class ClassifierDeployment:
         # one replica per CPU share: more torch threads than cores only adds contention
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.defaults = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01, "max_pixels": 40_000_000,
+        self.defaults = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01, "max_pixels": CLASSIFY_MAX_PIXELS,
                          "precision": "auto", **(defaults or {})}
         self.state: Served | None = None
         self.max_pixels = self.defaults["max_pixels"]
@@ -93,20 +97,40 @@ class ClassifierDeployment:
                 raise ValueError(str(e)) from None
             if self.device.type == "cuda" or autocast is not None:  # reduced precision runs fastest channels_last
                 model = model.to(memory_format=torch.channels_last)
+            transform = preset.eval_transform()
+            # warm up before the swap: the first request on a new model does not pay for it, and a
+            # replica becomes RUNNING (what /readyz waits for) only after one inference
+            warmup_ms = self._warm_up(model, transform, autocast)
+            digest = content_hash(path)
             # no absolute path in an answer: the directory's name, and a hash of its content
-            info = {"artifact": os.path.basename(path), "artifact_sha256": content_hash(path), "arch": manifest["arch"], "classes": classes, "preset": preset.to_dict(),
+            info = {"artifact": os.path.basename(path), "artifact_sha256": digest, "model_version": digest[:12],
+                    "arch": manifest["arch"], "classes": classes, "preset": preset.to_dict(),
                     "metrics": manifest.get("metrics", {}), "created": manifest.get("created"),
-                    "precision": dtype_name(autocast)}
-            self.state = Served(model, classes, preset.eval_transform(), autocast, info, path)
-            log.info("classifier: serving %s (%s, %d classes)", path, manifest["arch"], len(classes))
+                    "precision": dtype_name(autocast), "warmup_ms": round(warmup_ms, 1)}
+            self.state = Served(model, classes, transform, autocast, info, path)
+            log.info("classifier: serving %s (%s, %d classes, version %s)", path, manifest["arch"], len(classes),
+                     digest[:12])
         self.max_pixels = int(user_config["max_pixels"])
         self.batching = {"max_batch_size": int(user_config["max_batch_size"]),
                          "batch_wait_timeout_s": float(user_config["batch_wait_timeout_s"])}
         self.predict.set_max_batch_size(self.batching["max_batch_size"])
         self.predict.set_batch_wait_timeout_s(self.batching["batch_wait_timeout_s"])
 
+    def _warm_up(self, model: torch.nn.Module, transform: Callable, autocast: torch.dtype | None) -> float:
+        """One forward of a blank image through the eval transform and the model; its time in ms."""
+        from PIL import Image
+
+        t0 = time.perf_counter()
+        x = transform(Image.new("RGB", (64, 64)))[None].to(self.device)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+            if autocast is not None or self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            model(x)
+        return (time.perf_counter() - t0) * 1000
+
     async def classify(self, data: bytes) -> dict:
-        """Image bytes -> {"label", "score", "probabilities"}; an unusable image raises ImageInputError."""
+        """Image bytes -> {"label", "score", "probabilities", "model_version"}; an unusable image raises
+        ImageInputError (422; 415 for a format not accepted)."""
         transform, max_pixels = self.state.transform, self.max_pixels
         x = await asyncio.to_thread(lambda: transform(load_image(data, max_pixels, "image")))  # (3, crop, crop)
         return await self.predict(x)
@@ -114,7 +138,12 @@ class ClassifierDeployment:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict(self, xs: list[torch.Tensor]) -> list[dict]:
         """Batched forward: N tensors (3, crop, crop) -> N answers, softmax over the artifact's classes."""
-        model, classes, _, dtype, _, _ = self.state  # one snapshot per batch
+        model, classes, _, dtype, info, _ = self.state  # one snapshot per batch: its model and version agree
+        version = info["model_version"]
+        try:
+            metric("batch_size").observe(len(xs))
+        except Exception:  # noqa: BLE001 - metrics never fail a request
+            pass
         x = torch.stack(xs).to(self.device)  # (N, 3, crop, crop)
         try:
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
@@ -129,7 +158,7 @@ class ClassifierDeployment:
         for p in probs:
             i = int(p.argmax())
             out.append({"label": classes[i], "score": float(p[i]),
-                        "probabilities": {c: float(v) for c, v in zip(classes, p)}})
+                        "probabilities": {c: float(v) for c, v in zip(classes, p)}, "model_version": version})
         return out
 
     def info(self) -> dict:

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 
-import ray
 from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -22,7 +21,8 @@ from jobs.images import load_image
 from jobs.style import StyleConfig
 from serve.config import ServeConfig
 from serve.errors import ApiError, Unavailable
-from serve.job_store import get_or_create_store
+from serve.metrics import metric
+from serve.store_client import StoreClient, StoreUnavailable
 
 log = logging.getLogger("ray.serve")
 
@@ -83,55 +83,81 @@ class StyleJobs:
 
     def __init__(self, pool: DeploymentHandle, cfg: ServeConfig):
         self.pool, self.cfg = pool, cfg
-        limits = (cfg.max_style_jobs, cfg.job_lease_s, cfg.job_ttl_s, cfg.job_max_attempts)
-        self.store = get_or_create_store(cfg.job_store_name, *limits)
-        ray.get(self.store.configure.remote(*limits))  # it may predate this deployment (detached)
+        self.store = StoreClient(cfg.store_args(), cfg.store_timeout_s, cfg.unavailable_retry_s)
+        try:  # it may predate this deployment (detached): apply this config's limits
+            self.store.call_sync("configure", **cfg.store_args())
+        except StoreUnavailable as e:  # the ingress still starts: /classify does not need the store
+            log.warning("job store not configured at start: %s", e.detail)
         self.driving: dict[str, asyncio.Task] = {}  # job id -> the task driving it through the pool
         self.calls: dict[str, DeploymentResponse] = {}  # job id -> its current call to the pool
+        self.background: set[asyncio.Task] = set()  # cancellations of jobs whose client went away
         self.heartbeat: asyncio.Task | None = None
 
     async def submit(self, content: bytes, style: bytes, options: str, sync: bool) -> str:
-        """Check the job, create it (503 when the queue is full), start driving it; its id."""
+        """Check the job, create it (503 when the queue is full), start driving it; its id.
+
+        The slot is taken before the images are decoded, so a client flooding a full queue costs no
+        decoding; a bad image gives the slot back at once (422)."""
         client_options, job_cfg = style_job_config(options, self.cfg, sync)
-        for name, data in (("content", content), ("style", style)):
-            # decode now, off the event loop: a bad image is a 422 here, not a failed job later
-            await asyncio.to_thread(load_image, data, self.cfg.max_pixels, f"{name} image")
-        made = await self.store.create.remote(client_options, self.cfg.style_replicas)
+        made = await self.store.call("create", client_options, self.cfg.style_replicas)
         if made.get("full"):
             raise Unavailable(f"style queue is full ({made['active']} jobs queued or running); retry later",
                               retry_after=made["retry_after"])
         job_id = made["id"]
+        try:
+            for name, data in (("content", content), ("style", style)):
+                # decode now, off the event loop: a bad image is a 422 here, not a failed job later
+                await asyncio.to_thread(load_image, data, self.cfg.max_pixels, f"{name} image")
+        except BaseException:
+            await self.store.call("discard", job_id)
+            raise
         self.driving[job_id] = asyncio.create_task(self._drive(job_id, content, style, job_cfg))
         if self.heartbeat is None or self.heartbeat.done():
             self.heartbeat = asyncio.create_task(self._heartbeat())
         return job_id
 
     async def cancel(self, job_id: str) -> dict | None:
-        """Cancel a job in the store; a job still queued here also leaves the pool's router queue (its
-        request is withdrawn), so cancelled jobs do not fill `style_max_queued`. A running job stops at
-        its next progress report. The store's view of the job, or None if unknown."""
-        before = await self.store.get.remote(job_id)
-        job = await self.store.cancel.remote(job_id)
+        """Cancel a job in the store and withdraw its call to the pool: a queued job leaves the pool's
+        router queue (so cancelled jobs do not fill `style_max_queued`), a running job's replica sees its
+        request cancelled and stops within one optimisation step. The store's view, or None if unknown."""
+        job = await self.store.call("cancel", job_id)
         response = self.calls.get(job_id)
-        if response is not None and before is not None and before["status"] == "queued":
-            response.cancel()  # Serve drops a request not yet assigned to a replica
+        if response is not None and job is not None and job["status"] == "cancelled":
+            response.cancel()
         return job
 
+    def cancel_soon(self, job_id: str) -> None:
+        """Cancel from a task of its own: the caller (a request whose client went away) is being cancelled."""
+        task = asyncio.get_running_loop().create_task(self._cancel_quietly(job_id))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _cancel_quietly(self, job_id: str) -> None:
+        try:
+            await self.cancel(job_id)
+            log.info("style job %s cancelled: its synchronous client went away", job_id)
+        except Exception as e:  # noqa: BLE001 - the store's watchdog ends it otherwise
+            log.warning("style job %s: cancel after disconnect failed: %s", job_id, e)
+
     async def wait(self, job_id: str) -> bytes:
-        """The PNG of a job once done; 408 (job cancelled) past sync_timeout_s, 422/503 if it failed."""
+        """The PNG of a job once done; 408 (job cancelled) past sync_timeout_s, 422/503 if it failed.
+        A client that goes away (the request is cancelled) cancels the job: its replica is freed."""
         try:
             await asyncio.wait_for(asyncio.shield(self.driving[job_id]), self.cfg.sync_timeout_s)
         except asyncio.TimeoutError:
             await self.cancel(job_id)
             raise ApiError(408, f"not finished within {self.cfg.sync_timeout_s:g} s (cancelled); "
                                 "use POST /style/jobs for long jobs", job=job_id) from None
+        except asyncio.CancelledError:
+            self.cancel_soon(job_id)
+            raise
         except KeyError:  # the drive task already finished and removed itself
             pass
-        status, png = await self.store.result.remote(job_id)
+        status, png = await self.store.call("result", job_id)
         if status == "done":
             return png
-        job = await self.store.get.remote(job_id) or {}
-        if job.get("error_kind") == "input":
+        job = await self.store.call("get", job_id) or {}
+        if job.get("error_kind") in ("input", "limit"):
             raise ApiError(422, job["error"], job=job_id)
         raise Unavailable(f"style job {status}: {job.get('error')}", job=job_id)
 
@@ -150,30 +176,53 @@ class StyleJobs:
                     self.calls[job_id] = self.pool.run.remote(job_id, attempt, content, style, job_cfg)
                     await self.calls[job_id]
                     return
-                except (RequestCancelledError, TaskCancelledError):  # cancelled while queued (`cancel`)
+                except (RequestCancelledError, TaskCancelledError, asyncio.CancelledError):
+                    # `cancel`, or Serve cancelling this call with the request that made it (a sync
+                    # client gone): the job ends cancelled, if the store does not say so already
+                    await self._store_quietly("stopped", job_id, attempt)
                     return
                 except BackPressureError:  # the router's queue (style_max_queued) is full
-                    await self.store.fail.remote(job_id, attempt, "style pool is full; submit again later")
+                    await self._store_quietly("fail", job_id, attempt, "style pool is full; submit again later")
                     return
                 except (RayActorError, DeploymentUnavailableError) as e:
                     log.warning("style job %s attempt %d lost its replica: %s", job_id, attempt, type(e).__name__)
-                    if not await self.store.retry.remote(job_id, f"replica died ({type(e).__name__})"):
+                    if not await self._store_quietly("retry", job_id, f"replica died ({type(e).__name__})"):
                         return
                     attempt += 1
                 except Exception as e:  # noqa: BLE001 - anything else fails this job only
                     log.exception("style job %s: unexpected error", job_id)
-                    await self.store.fail.remote(job_id, attempt, f"{type(e).__name__}: {str(e)[:200]}")
+                    await self._store_quietly("fail", job_id, attempt, f"{type(e).__name__}: {str(e)[:200]}")
                     return
         finally:
             self.driving.pop(job_id, None)
             self.calls.pop(job_id, None)
 
+    async def _store_quietly(self, method: str, *args):
+        """A store call from the drive task: waits longer (the store may be restarting); None if it never answers
+        (the watchdog then fails the job one lease later)."""
+        try:
+            return await self.store.call(method, *args, timeout_s=max(self.cfg.store_timeout_s, self.cfg.job_lease_s))
+        except StoreUnavailable as e:
+            log.warning("style job %s: %s not recorded: %s", args[0], method, e.detail)
+            return None
+
     async def _heartbeat(self) -> None:
-        """Tell the store which jobs this ingress still drives, so only orphans get reaped."""
+        """Tell the store which queued jobs this ingress still drives, so only orphans get reaped; the
+        same beat refreshes the queue-depth metric."""
         period = max(0.5, min(10.0, self.cfg.job_lease_s / 4))
         while self.driving:
             try:
-                await self.store.touch.remote(list(self.driving))
-            except RayActorError:
+                await self.store.call("touch", list(self.driving))
+                queue_depth(await self.store.call("stats"))
+            except StoreUnavailable:
                 log.warning("job store unreachable")
             await asyncio.sleep(period)
+
+
+def queue_depth(stats: dict) -> None:
+    """The raycv_style_queue_depth gauge from the store's stats."""
+    try:
+        for status in ("queued", "running"):
+            metric("queue_depth").set(stats["jobs"].get(status, 0), tags={"status": status})
+    except Exception:  # noqa: BLE001 - metrics never fail a request
+        pass

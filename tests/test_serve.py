@@ -154,7 +154,7 @@ def server(tmp_path_factory):
     cfg = dict(classifier=str(art_a), max_batch_size=4, classifier_cpus=0.25, classifier_precision="fp32",
                style_weights="random",
                style_cpus=0.25, max_style_jobs=3, sync_max_size=32 * 32, sync_timeout_s=4.0, max_body_mb=1.0,
-               max_pixels=1_000_000, style_max_steps=5000, job_max_attempts=2, job_lease_s=60.0, style_max_queued=4,
+               max_pixels=1_000_000, classify_max_pixels=1_000_000, style_max_steps=5000, job_max_attempts=2, job_lease_s=60.0, style_max_queued=4,
                allow_origin="http://allowed.example:3000, https://other.example")
     deploy(cfg)
     with httpx.Client(base_url=URL, timeout=60) as client:
@@ -212,7 +212,7 @@ def test_classify_round_trip_raw_and_multipart(server, client):
     r = client.post("/classify", content=red, headers={"content-type": "image/png"})
     assert r.status_code == 200, r.text
     out = r.json()
-    assert set(out) == {"label", "score", "probabilities"}
+    assert set(out) == {"label", "score", "probabilities", "model_version"}
     assert out["label"] == "red" and out["score"] == max(out["probabilities"].values())
     assert sum(out["probabilities"].values()) == pytest.approx(1, abs=1e-5)
     # serving equals the artifact's own eval transform + model, computed locally
@@ -281,6 +281,9 @@ def test_hot_reload_swaps_the_model_and_precision_without_downtime(server, clien
     for name, p in local_probabilities(server["b"], red, torch.bfloat16).items():
         assert out["probabilities"][name] == pytest.approx(p, abs=TOLERANCE[torch.bfloat16])
     assert codes and set(codes) == {200}, f"requests failed during the swap: {set(codes)}"
+    from serve.classifier import content_hash
+
+    assert out["model_version"] == content_hash(str(server["b"]))[:12] != content_hash(str(server["a"]))[:12]
     after, _ = replica_actor("ClassifierDeployment")
     assert after == before, "the replica was restarted instead of reconfigured"
     info = client.get("/healthz").json()["classifier"]
@@ -368,8 +371,11 @@ def test_a_job_whose_replica_dies_is_retried_then_marked_failed(client):
             assert "replica died" in job["retried_because"]
     job = wait_job(client, job_id, lambda j: j["status"] == "failed", timeout=30)
     assert "gave up after 2 attempt" in job["error"]
-    # the replacement replica serves new jobs
-    r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 3}))
+    # the replacement replica serves new jobs (503 + Retry-After at once until it runs)
+    deadline = time.time() + 90
+    while (r := client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 3}))).status_code == 503:
+        assert r.headers["retry-after"] and time.time() < deadline
+        time.sleep(0.5)
     assert wait_job(client, r.json()["id"], lambda j: j["status"] in ("done", "failed"), 90)["status"] == "done"
 
 
