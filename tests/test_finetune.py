@@ -281,22 +281,29 @@ def test_bad_input_is_one_line(args, message, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- Ray Train, 2 workers
 
-@pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
-    """One Ray instance; its workers inherit a TORCH_HOME pre-seeded with (random) "ImageNet" weights."""
+def ray_with_seeded_hub(tmp_path_factory, num_cpus: int = 2, include_dashboard: bool = False):
+    """A module's Ray instance whose workers inherit a TORCH_HOME pre-seeded with (random) "ImageNet"
+    weights; yields (the torch home, Ray's context)."""
     import ray
 
     torch_home = tmp_path_factory.mktemp("torch")
     seed_hub_cache(torch_home)
     previous = os.environ.get("TORCH_HOME")
     os.environ["TORCH_HOME"] = str(torch_home)
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024**2)
-    yield torch_home
+    context = ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, object_store_memory=256 * 1024**2)
+    yield torch_home, context
     ray.shutdown()
     if previous is None:
         os.environ.pop("TORCH_HOME", None)
     else:
         os.environ["TORCH_HOME"] = previous
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    """One Ray instance for the module, with the seeded hub cache."""
+    for torch_home, _ in ray_with_seeded_hub(tmp_path_factory):
+        yield torch_home
 
 
 @pytest.mark.slow

@@ -131,23 +131,12 @@ def test_a_bad_file_is_filled_in_training_and_flagged_in_evaluation(tmp_path):
 
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
-    """One Ray instance with 4 logical CPUs: 2 one-CPU workers and room for decode tasks (on 2 cores)."""
-    import os
+    """One Ray instance with 4 logical CPUs (2 one-CPU workers and room for decode tasks, on 2 cores), the
+    dashboard (the fault test finds Train workers through its state API) and the seeded hub cache."""
+    from test_finetune import ray_with_seeded_hub
 
-    import ray
-    from test_finetune import seed_hub_cache
-
-    torch_home = tmp_path_factory.mktemp("torch")
-    seed_hub_cache(torch_home)
-    previous = os.environ.get("TORCH_HOME")
-    os.environ["TORCH_HOME"] = str(torch_home)
-    context = ray.init(num_cpus=4, include_dashboard=True, object_store_memory=256 * 1024**2)
-    yield f"http://{context.dashboard_url}"
-    ray.shutdown()
-    if previous is None:
-        os.environ.pop("TORCH_HOME", None)
-    else:
-        os.environ["TORCH_HOME"] = previous
+    for _, context in ray_with_seeded_hub(tmp_path_factory, num_cpus=4, include_dashboard=True):
+        yield f"http://{context.dashboard_url}"
 
 
 @pytest.mark.slow
