@@ -155,7 +155,8 @@ def server(tmp_path_factory):
                style_weights="random",
                style_cpus=0.25, max_style_jobs=3, sync_max_size=32 * 32, sync_timeout_s=4.0, max_body_mb=1.0,
                max_pixels=1_000_000, classify_max_pixels=1_000_000, style_max_steps=5000, job_max_attempts=2, job_lease_s=60.0, style_max_queued=4,
-               allow_origin="http://allowed.example:3000, https://other.example")
+               allow_origin="http://allowed.example:3000, https://other.example",
+               job_store_dir=str(tmp / "jobs"))  # not the default under $TMPDIR: no jobs from an earlier run
     deploy(cfg)
     with httpx.Client(base_url=URL, timeout=60) as client:
         deadline = time.time() + 240  # replicas start in seconds, but the machine may be busy
