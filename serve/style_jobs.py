@@ -109,7 +109,10 @@ class StyleJobs:
                 # decode now, off the event loop: a bad image is a 422 here, not a failed job later
                 await asyncio.to_thread(load_image, data, self.cfg.max_pixels, f"{name} image")
         except BaseException:
-            await self.store.call("discard", job_id)
+            try:
+                await self.store.call("discard", job_id)
+            except StoreUnavailable:  # the slot frees itself: no heartbeat, so the watchdog fails it
+                pass
             raise
         self.driving[job_id] = asyncio.create_task(self._drive(job_id, content, style, job_cfg))
         if self.heartbeat is None or self.heartbeat.done():
