@@ -64,6 +64,8 @@ async def image_bytes(request: Request, upload: UploadFile | None, name: str) ->
     try:
         data = await request.body()
     except RuntimeError:  # FastAPI read it already for the Form parameters: a url-encoded form holds no image
+        if request.headers.get("content-length", "").strip() == "0":
+            raise ApiError(400, "empty body: send an image") from None
         raise ApiError(415, f"send the image as the raw body or as the multipart/form-data file field {name!r}, "
                             "not as a url-encoded form") from None
     if not data:

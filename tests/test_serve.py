@@ -429,6 +429,9 @@ BAD_CLASSIFY = {
     "decompression bomb header": (dict(content=bomb_png()), 422),
     "too many pixels": (dict(content=png((1, 2, 3), (1100, 1000))), 422),
     "empty body": (dict(content=b""), 400),
+    # FastAPI reads a url-encoded body for the route's Form parameters: once a 500 ("Stream consumed")
+    "url-encoded form": (dict(data={"x": "abc"}), 415),
+    "empty url-encoded form": (dict(content=b"", headers={"content-type": "application/x-www-form-urlencoded"}), 400),
     "wrong field name": (dict(files={"image": ("a.png", png((1, 2, 3)), "image/png")}), 422),
     "field is text not file": (dict(data={"file": "hello"}, files={"other": ("x", b"1")}), 422),
     "oversized body": (dict(content=b"\0" * (1024 * 1024 + 1)), 413),
@@ -542,6 +545,7 @@ def test_bad_style_requests_are_4xx(client):
         (dict(files=style_files(None)["files"], data={"options": "{not json"}), 422),
         (dict(content=png((1, 2, 3))), 415),
         (dict(content=b""), 400),
+        (dict(data={"content": "a", "style": "b"}), 415),  # url-encoded: once a 500 ("Stream consumed")
     ]
     for kwargs, status in bad:
         r = client.post("/style/jobs", **kwargs)
