@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -39,6 +40,7 @@ from jobs.sources import FileIndex, FileSource, index_content, index_image_folde
 
 DATA_MODES = ("auto", "resident", "stream")
 ROWS_PER_TASK = 32  # images per decode task: ~6 MB of uint8 at 256 px; amortises a task's overhead
+ZERO_CPU_TASKS = 2  # decode tasks in flight per rank with --decode-cpus 0
 
 
 @dataclass
@@ -237,11 +239,18 @@ class StreamShards:
             return
         items = [{"name": names[i], "label": int(labels[i]), "i": i} for i in idx]
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / ROWS_PER_TASK)))
-        # "DEFAULT": never inside a placement group that captures child tasks (a Tune trial's): Ray
-        # Data sizes its work from the cluster's free CPUs and would wait forever for the group's
-        ds = ds.map_batches(decode_rows, batch_size=ROWS_PER_TASK, num_cpus=self.decode_cpus, scheduling_strategy="DEFAULT",
-                            fn_kwargs={"location": self.index.location, "size": self.size, "fit": self.fit,
-                                       "shape": self.shape, "fill": fill})
+        # decode tasks that reserve no CPU are not bounded by the CPUs: cap them (Ray would otherwise
+        # start a new worker process for each one in flight); "DEFAULT" scheduling: never inside a
+        # placement group that captures child tasks (a Tune trial's), where Ray Data, sizing its work
+        # from the cluster's free CPUs, waited forever. Ray 2.60 has no named argument for the
+        # scheduling strategy yet, hence ray_remote_args and its deprecation warning silenced.
+        pool = ray.data.TaskPoolStrategy(size=ZERO_CPU_TASKS) if self.decode_cpus == 0 else None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args. is deprecated")
+            ds = ds.map_batches(decode_rows, batch_size=ROWS_PER_TASK, num_cpus=self.decode_cpus, compute=pool,
+                                scheduling_strategy="DEFAULT",
+                                fn_kwargs={"location": self.index.location, "size": self.size, "fit": self.fit,
+                                           "shape": self.shape, "fill": fill})
         for b in ds.iter_torch_batches(batch_size=self.batch, prefetch_batches=self.prefetch, device="cpu"):
             bad = b["bad"].bool()
             self.bad[counter] += int(bad.sum())
