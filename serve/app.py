@@ -86,6 +86,9 @@ PNG = {200: {"content": {"image/png": {}}}}
 UNAVAILABLE = {503: {"description": "no replica running, queue full, or job store not answering (Retry-After)"}}
 STATUS_TTL_S = 1.0  # the ingress asks the controller for the replicas' states at most this often
 NOT_READY = ("UNHEALTHY", "DEPLOY_FAILED")
+# replica states that serve requests: UPDATING is a running replica applying a new user_config (a hot
+# swap: it keeps answering with the old model until the new one is loaded and warm)
+SERVING = ("RUNNING", "UPDATING", "PENDING_MIGRATION")
 
 
 # Everything the routes use is defined above `Ingress`: `@serve.ingress` freezes a copy of `app`,
@@ -139,7 +142,8 @@ class Ingress:
             status = await asyncio.to_thread(serve.status)
             application = status.applications.get(self.app_name)
             deployments = application.deployments if application is not None else {}
-            self.states = {name: {"status": str(d.status.value), "running": int(d.replica_states.get("RUNNING", 0))}
+            self.states = {name: {"status": str(d.status.value),
+                                  "running": sum(int(d.replica_states.get(s, 0)) for s in SERVING)}
                            for name, d in deployments.items()}
         except Exception as e:  # noqa: BLE001 - no controller answer: keep the last known states
             log.warning("cannot read the deployments' states: %s", e)
