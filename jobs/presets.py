@@ -92,7 +92,12 @@ class Preset:
 
         x: (B, 3, H, W) uint8 -> (B, 3, crop, crop) float. Defaults are torchvision's.
         """
-        from jobs.transforms import horizontal_flip, random_resized_crop
+        from jobs.transforms import horizontal_flip, random_resized_crop, random_resized_crop_uint8
 
+        if x.device.type == "cpu" and x.dtype == torch.uint8:  # per-image uint8 resizes: far cheaper on a CPU
+            x = random_resized_crop_uint8(x, g, (self.crop, self.crop), scale, ratio, flip_p=0.5).float()
+            mean, std = (self.mean, self.std) if self.mean is not None else ((0.0,) * 3, (1.0,) * 3)
+            # ToDtype + Normalize in place: (x / 255 - mean) / std = (x - 255 mean) * (1 / (255 std))
+            return x.sub_(torch.tensor(mean).view(1, 3, 1, 1) * 255).mul_(1 / (torch.tensor(std).view(1, 3, 1, 1) * 255))
         x = random_resized_crop(x.float().div_(255), g, (self.crop, self.crop), scale, ratio)
         return self.normalize(horizontal_flip(x, g))
