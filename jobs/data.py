@@ -109,17 +109,22 @@ def load_content_images(source: str, root: str | os.PathLike, image_size: int,
     """
     if source in ("cifar10", "synthetic") or source.startswith("synthetic:"):
         return load_image_data(source, root, image_size)
-    try:
-        files = FileSource(source)
-    except UserError:
-        raise UserError(f"content images not found: {source} (a folder, .zip or URI of images, cifar10 or "
-                        f"synthetic)") from None
+    files = open_content_source(source)
     index = index_content(files, limit_train)
     # the flat layout and the training limit go into the cache key's `fit` string, so these
     # tensors never collide with an ImageFolder cache of the same file
     flat = index.layout == "flat"
     return _cached(files, index, Path(root), image_size, f"center-flat-{limit_train}" if flat else "center",
                    lambda: decode_index(files, index, image_size, "center"))
+
+
+def open_content_source(source: str) -> FileSource:
+    """The files behind style training's --data (a folder, .zip or URI); a one-line error if none."""
+    try:
+        return FileSource(source)
+    except UserError:
+        raise UserError(f"content images not found: {source} (a folder, .zip or URI of images, cifar10 or "
+                        f"synthetic)") from None
 
 
 def decode_index(files: FileSource, index: FileIndex, image_size: int | None, fit: str = "stretch") -> ImageData:

@@ -65,12 +65,12 @@ class DataOptions:
 def file_index(cfg, content: bool = False) -> FileIndex | None:
     """The files of cfg.data (None for the built-in sets, cifar10 and synthetic) with --limit-train /
     --limit-test drawn as resident mode draws them; `content`: style training's content images."""
-    from jobs.data import open_source
+    from jobs.data import open_content_source, open_source
 
     if cfg.data in ("cifar10", "synthetic") or cfg.data.startswith("synthetic:"):
         return None
     limit_train, limit_test = getattr(cfg, "limit_train", None), getattr(cfg, "limit_test", None)
-    files = open_source(cfg.data, cfg.data_root)
+    files = open_content_source(cfg.data) if content else open_source(cfg.data, cfg.data_root)
     index = index_content(files, limit_train) if content else index_image_folder(files)
     files.close()
     return index.subset(limit_train, limit_test)
