@@ -22,7 +22,8 @@ from jobs.cli import UserError, run_cli
 from jobs import driver
 from jobs.config import RunOptions, build_parser, option
 from jobs import stream
-from jobs.data import DOWNLOADS, RankShards, load_image_data, open_source
+from jobs.data import DOWNLOADS, RankShards, load_image_data
+from jobs.sources import FileSource
 from jobs.loop import CHECKPOINT_FILE, TrainSetup
 from jobs.models import HEADS, build_model
 from jobs.presets import Preset, scaled_resize
@@ -303,7 +304,7 @@ def validate(cfg: Config) -> Source:
         data = load_image_data(cfg.data, cfg.data_root, resize, fit="center")
         n_train, n_test, classes = len(data.train_x), len(data.test_x), data.classes
     else:
-        stream.first_image_size(open_source(index.location), index)  # not an image: one line now
+        stream.first_image_size(FileSource(index.location), index)  # not an image: one line now
         n_train, n_test, classes = len(index.train), len(index.test), index.classes
     if n_train < cfg.num_workers or n_test < 1:
         raise UserError(f"dataset {cfg.data} is too small ({n_train} train, {n_test} test images)")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -116,7 +115,8 @@ def plan(cfg, index: FileIndex | None, image_hw: tuple[int, int] | None) -> None
 
 
 def first_image_size(files: FileSource, index: FileIndex) -> tuple[int, int]:
-    """(H, W) of the first training image, read from its header; a one-line error if it is no image."""
+    """(H, W) of the first training image, read from its header (then `files` is closed); a one-line
+    error if it is no image."""
     import io
 
     from PIL import Image
@@ -127,6 +127,8 @@ def first_image_size(files: FileSource, index: FileIndex) -> tuple[int, int]:
             return im.height, im.width
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
         raise UserError(f"cannot read image {name} in {index.location}: {e}") from None
+    finally:
+        files.close()
 
 
 def check_decode_cpus(cfg) -> None:
@@ -272,4 +274,3 @@ def quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
