@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jobs import driver  # noqa: E402
 from jobs.augment import Config, validate  # noqa: E402
 from jobs.cli import init_ray  # noqa: E402
+from jobs.precision import cpu_features  # noqa: E402
 
 # name -> (what it changes, Config overrides). Ablations switch one technique of the fast recipe off.
 CONFIGS = {
@@ -41,10 +42,17 @@ CONFIGS = {
     "no-translate": ("no random 2-pixel translations", {"recipe": "fast", "aug": "altflip"}),
     "constant-lr": ("constant lr instead of warm-up and linear decay", {"recipe": "fast", "schedule": "constant"}),
     "adam": ("Adam 1e-3 instead of Nesterov SGD", {"recipe": "fast", "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}),
-    "batch-256": ("batch 256 instead of 1024 (lr scaled with it)", {"recipe": "fast", "batch_size": 256}),
+    "batch-256": ("batch 256 (lr scaled with it)", {"recipe": "fast", "batch_size": 256}),
+    "batch-512": ("batch 512 (lr scaled with it)", {"recipe": "fast", "batch_size": 512}),
+    "batch-1024": ("batch 1024 (lr scaled with it)", {"recipe": "fast", "batch_size": 1024}),
     "no-normalize": ("inputs in [0, 1], not standardised", {"recipe": "fast", "normalize": False}),
     "fp32": ("fp32 instead of bf16 autocast (on a CPU with native bf16)", {"recipe": "fast", "precision": "fp32"}),
     "no-channels-last": ("NCHW tensors instead of channels_last", {"recipe": "fast", "channels_last": False}),
+    "small-net-512": ("half-width net (32/64/64), batch 512", {"recipe": "fast", "arch": "fast_cifar_net_small", "batch_size": 512}),
+    "full-net": ("fast_cifar_net (64/128/128), batch 1024: the fast recipe before it chose by precision",
+                 {"recipe": "fast", "arch": "fast_cifar_net", "batch_size": 1024}),
+    "small-net-256": ("half-width net (32/64/64), batch 256", {"recipe": "fast", "arch": "fast_cifar_net_small", "batch_size": 256}),
+    "small-net": ("half-width net (32/64/64)", {"recipe": "fast", "arch": "fast_cifar_net_small"}),
     "wide-net": ("airbench94's wider net (64/256/256) instead of 64/128/128", {"recipe": "fast", "arch": "fast_cifar_net_wide"}),
 }
 
@@ -64,7 +72,7 @@ def run_one(name: str, args, index: int) -> dict:
             "epochs_seen": summary["steps"] * cfg.batch_size / 50000,
             "wall_s": time.perf_counter() - t0, "workers": args.num_workers, "threads": args.cpus_per_worker,
             "precision": summary["precision"], "channels_last": cfg.channels_last,
-            "run": cfg.name}
+            "run": cfg.name, "cpu": cpu_features()}
 
 
 def probe_step_rate(threads: int, batch: int, precision: str, channels_last: bool, steps: int = 6) -> float:

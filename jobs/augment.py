@@ -22,7 +22,7 @@ from jobs.sources import FileSource
 from jobs.airbench import Lookahead, sgd_param_groups, warmup_decay
 from jobs.loop import Classification, TrainSetup, constant
 from jobs.models import MODELS, build_model, init_whitening_
-from jobs.precision import PRECISIONS
+from jobs.precision import PRECISIONS, autocast_dtype
 from jobs.presets import Preset
 
 # Fields left None take the recipe's value. "reference" is SPEC section 1; "fast" follows airbench
@@ -32,11 +32,30 @@ RECIPES = {
     "reference": dict(aug="flip", arch="cifar_resnet18", epochs=10, batch_size=256, optimizer="adam", lr=1e-3,
                       weight_decay=0.0, label_smoothing=0.0, schedule="constant", lookahead=False, tta="none",
                       whiten=False, normalize=False, channels_last=False, precision="auto"),
-    "fast": dict(aug="altflip,translate", arch="fast_cifar_net", epochs=10, batch_size=1024, optimizer="sgd",
+    "fast": dict(aug="altflip,translate", arch=None, epochs=10, batch_size=None, optimizer="sgd",
                  lr=None, weight_decay=0.0153 / 11.5, label_smoothing=0.2, schedule="warmup-decay", lookahead=True,
                  tta="flip", whiten=True, normalize=True, channels_last=True, precision="fast"),
 }
 FAST_LR_PER_1024 = 11.5 / (1 + 1 / (1 - 0.85))  # = 1.5 for the mean loss of a 1024 batch
+FAST_ARCH_TEXT = "fast: fast_cifar_net on a GPU or in bf16, fast_cifar_net_small in fp32 on a CPU"
+FAST_BATCH_TEXT = "fast: 1024 on a GPU or in bf16, 512 in fp32 on a CPU"
+
+
+def fast_arch(precision: str, use_gpu: bool) -> tuple[str, int, str]:
+    """The fast recipe's (network, global batch size) for where it will train, and why (printed by
+    `validate`).
+
+    In fp32 on a CPU a 600 s budget buys fast_cifar_net only 1.5-3.4 epochs on 2-core AVX2 machines,
+    where the half-width net at batch 512 reached a higher accuracy (BENCHMARKS.md, "fp32 on AVX2");
+    on a GPU or with native bf16 the budget covers ~9 epochs of fast_cifar_net at batch 1024 (88.8%).
+    Decided on the driver from its own CPU: a CPU cluster's workers are assumed to be of the
+    driver's kind (pass --arch and --batch-size to choose)."""
+    if use_gpu:
+        return "fast_cifar_net", 1024, "training on GPUs"
+    if autocast_dtype(precision, "cpu", "train") is not None:
+        return "fast_cifar_net", 1024, f"--precision {precision} trains in bf16 on this CPU"
+    return "fast_cifar_net_small", 512, (f"--precision {precision} trains in fp32 on this CPU (no native bf16): "
+                                         "the half-width net's ~3x throughput buys more epochs")
 
 
 def recipe_default(key: str) -> str:
@@ -63,14 +82,15 @@ class Config(stream.DataOptions, RunOptions):
     aug: str | None = option(None, "augmentations, comma-separated: none, flip, vflip, crop, color, translate "
                              "(2-pixel reflect-padded shifts), altflip (each image flipped in alternate epochs)",
                              default_text=recipe_default("aug"))
-    arch: str | None = option(None, "model", choices=sorted(MODELS), default_text=recipe_default("arch"))
+    arch: str | None = option(None, "model", choices=sorted(MODELS),
+                              default_text=f"reference: {RECIPES['reference']['arch']}; {FAST_ARCH_TEXT}")
     epochs: int | None = option(None, "epochs, unless --time-budget is given", min=1,
                                 default_text=recipe_default("epochs"))
     time_budget: float | None = option(None, "train for this many seconds instead of --epochs: the schedule is "
                                        "planned to fit (training steps only; evaluation is extra)", above=0,
                                        default_text="none")
     batch_size: int | None = option(None, "global batch size, split over workers", min=1,
-                                    default_text=recipe_default("batch_size"))
+                                    default_text=f"reference: {RECIPES['reference']['batch_size']}; {FAST_BATCH_TEXT}")
     optimizer: str | None = option(None, "adam, or sgd with Nesterov momentum", choices=("adam", "sgd"),
                                    default_text=recipe_default("optimizer"))
     lr: float | None = option(None, "learning rate", above=0,
@@ -99,6 +119,8 @@ class Config(stream.DataOptions, RunOptions):
     eval_every: int = option(1, "evaluate on the test set every N epochs; 0: only after the last", min=0)
     name: str = option("", "run name; re-running with the same name resumes it",
                        default_text="augment[-fast]-<data>-<aug>")
+    arch_reason: str = option("", "why the fast recipe chose its network and batch size (when not given)",
+                              cli=False)
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -106,6 +128,11 @@ class Config(stream.DataOptions, RunOptions):
         for key, value in RECIPES[self.recipe].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if self.recipe == "fast" and (self.arch is None or self.batch_size is None):
+            arch, batch, reason = fast_arch(self.precision, self.use_gpu)  # depends on where it trains
+            chosen = [f for f in ("arch", "batch_size") if getattr(self, f) is None]
+            self.arch, self.batch_size = self.arch or arch, self.batch_size or batch
+            self.arch_reason = f"{' and '.join(chosen).replace('_', ' ')}: {reason}"
         if self.lr is None:  # the fast recipe's SGD lr grows with the batch
             self.lr = FAST_LR_PER_1024 * self.batch_size / 1024
         if not self.name:
@@ -195,6 +222,9 @@ def validate(cfg: Config) -> None:
     """Fail fast, on the driver, on what the field declarations cannot check: combinations of
     fields, and the dataset itself (decoded and cached here, once)."""
     parse_aug_names(cfg.aug)
+    if cfg.arch_reason:
+        print(f"model: {cfg.arch}, batch {cfg.batch_size} ({cfg.arch_reason}; --arch, --batch-size to choose)",
+              flush=True)
     if cfg.whiten and not cfg.arch.startswith("fast_cifar_net"):
         raise UserError(f"--whiten needs a fast_cifar_net* model, not {cfg.arch} (pass --no-whiten)")
     if cfg.batch_size < cfg.num_workers:

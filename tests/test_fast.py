@@ -24,7 +24,7 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("arch", ["fast_cifar_net", "fast_cifar_net_wide"])
+@pytest.mark.parametrize("arch", ["fast_cifar_net", "fast_cifar_net_wide", "fast_cifar_net_small"])
 def test_fast_net_forward_backward(arch):
     model = build_model(arch, num_classes=10)
     x = torch.randn(8, 3, 32, 32)
@@ -105,9 +105,29 @@ def test_schedule_param_groups_lookahead_tta():
         torch.testing.assert_close(flip_tta(a.eval(), x), 0.5 * (a(x) + a(x.flip(-1))))
 
 
+def test_fast_recipe_picks_its_network_from_where_it_trains(monkeypatch):
+    """fp32 on a CPU: the half-width net (more epochs per budget); bf16 or a GPU: fast_cifar_net."""
+    import jobs.precision
+    small, full = ("fast_cifar_net_small", 512), ("fast_cifar_net", 1024)
+    for native, precision, gpu, chosen in [(False, "fast", False, small), (False, "auto", False, small),
+                                           (True, "fast", False, full), (True, "fp32", False, small),
+                                           (False, "bf16", False, full), (False, "fast", True, full)]:
+        monkeypatch.setattr(jobs.precision, "native_bf16_cpu", lambda: native)
+        cfg = Config(recipe="fast", precision=precision, use_gpu=gpu)
+        assert (cfg.arch, cfg.batch_size) == chosen, (native, precision, gpu)
+        assert cfg.arch_reason.startswith("arch and batch size: ")  # printed by validate
+        assert cfg.lr == pytest.approx(1.5 * chosen[1] / 1024)  # the lr follows the chosen batch
+    monkeypatch.setattr(jobs.precision, "native_bf16_cpu", lambda: False)
+    cfg = Config(recipe="fast", arch="fast_cifar_net_wide")  # the user's network, the recipe's batch
+    assert (cfg.arch, cfg.batch_size) == ("fast_cifar_net_wide", 512) and cfg.arch_reason.startswith("batch size: ")
+    assert Config(recipe="fast", arch="fast_cifar_net", batch_size=256).arch_reason == ""  # both given
+    assert Config().arch == "cifar_resnet18" and Config().arch_reason == ""
+
+
 def test_fast_recipe_config_defaults_and_overrides():
-    cfg = Config(recipe="fast")
-    assert (cfg.arch, cfg.batch_size, cfg.optimizer, cfg.lookahead, cfg.tta) == ("fast_cifar_net", 1024, "sgd", True, "flip")
+    cfg = Config(recipe="fast", precision="bf16")  # bf16: fast_cifar_net at batch 1024 on any machine
+    assert (cfg.arch, cfg.batch_size, cfg.optimizer, cfg.lookahead, cfg.tta) == ("fast_cifar_net", 1024, "sgd", True,
+                                                                                "flip")
     assert cfg.lr == pytest.approx(1.5)
     assert Config(recipe="fast", batch_size=512).lr == pytest.approx(0.75)  # scaled with the batch
     assert Config(recipe="fast", lookahead=False, aug="translate").aug == "translate"
