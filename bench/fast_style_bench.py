@@ -27,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from jobs import style as S  # noqa: E402
 from jobs.images import load_image  # noqa: E402
-from jobs.precision import autocast_dtype, dtype_name  # noqa: E402
+from jobs.precision import autocast_dtype, cpu_features, dtype_name, native_bf16_cpu  # noqa: E402
 from jobs.transformer_net import TransformerNet, load_style_model, stylize_image  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
@@ -50,17 +50,28 @@ def time_calls(fn, warmup: int, repeats: int) -> tuple[list[float], list[float]]
     return wall, cpu
 
 
+VARIANTS = ("fp32", "fp32-cl", "fp32-compiled", "bf16", "bf16-cl")
+
+
 def feed_forward(model: TransformerNet, img: Image.Image, variant: str, warmup: int, repeats: int) -> dict:
-    """Median latency of one stylize_image call in `variant` (fp32 | fp32-cl | bf16 | bf16-cl)."""
+    """Median latency of one stylize_image call in `variant` (VARIANTS: -cl = channels_last,
+    -compiled = torch.compile of the network, inductor's default mode; its first call, which
+    compiles, is timed apart as compile_s)."""
     m = model.to(memory_format=torch.channels_last) if variant.endswith("-cl") else model.to(
         memory_format=torch.contiguous_format)
     precision = variant.split("-")[0]
+    compile_s = None
+    if variant.endswith("-compiled"):
+        m = torch.compile(m)
+        t0 = time.perf_counter()
+        stylize_image(m, img, precision=precision)
+        compile_s = time.perf_counter() - t0
 
     def run():
         return stylize_image(m, img, precision=precision)
     wall, cpu = time_calls(run, warmup, repeats)
     return {"variant": variant, "median_s": statistics.median(wall), "median_cpu_s": statistics.median(cpu),
-            "times_s": wall, "cpu_s": cpu}
+            "times_s": wall, "cpu_s": cpu, "compile_s": compile_s}
 
 
 def gatys(content: Image.Image, style: Image.Image, size: int, steps: int, repeats: int, weights: str) -> dict:
@@ -97,8 +108,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed feed-forward calls per variant")
     p.add_argument("--gatys-steps", type=int, default=6, help="Adam steps per Gatys run (then extrapolated to 500)")
     p.add_argument("--gatys-repeats", type=int, default=3)
+    p.add_argument("--variants", help=f"comma-separated, of {', '.join(VARIANTS)} (default: all, without the bf16 "
+                   "ones on a CPU without native bf16, where one emulated call takes over 30 s)")
     p.add_argument("--out", default="results/fast_style_bench.json", help="JSON with every timing")
     args = p.parse_args()
+    variants = args.variants.split(",") if args.variants else [
+        v for v in VARIANTS if native_bf16_cpu() or not v.startswith("bf16")]
+    if set(variants) - set(VARIANTS) or "fp32" not in variants:
+        p.error(f"--variants: choose from {', '.join(VARIANTS)}, fp32 included (the ratios' baseline)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     content = load_image(args.content).resize((args.size, args.size), Image.BILINEAR)
@@ -108,7 +125,7 @@ def main() -> None:
               "model": args.model or "random-init TransformerNet", "vgg_weights": args.weights, "feed_forward": []}
     served = dtype_name(autocast_dtype("auto", "cpu", "stylize"))  # what FastStylePool runs here by default (NCHW)
     result["served_precision"] = served
-    for variant in ("fp32", "fp32-cl", "bf16", "bf16-cl"):
+    for variant in variants:
         r = feed_forward(model, content, variant, args.warmup, args.repeats)
         print(f"feed-forward {variant}: median {r['median_s']:.3f} s wall, {r['median_cpu_s']:.3f} s CPU "
               f"over {args.repeats}", flush=True)
@@ -118,25 +135,29 @@ def main() -> None:
     print(f"gatys: median step {g['median_step_s']:.2f} s wall ({g['median_cpu_per_step_s']:.2f} s CPU per step "
           f"incl. set-up); 500 steps extrapolated {g['extrapolated_500_s']:.0f} s", flush=True)
     best = min(result["feed_forward"], key=lambda r: r["median_s"])
-    fp32 = result["feed_forward"][0]
+    fp32 = next(r for r in result["feed_forward"] if r["variant"] == "fp32")
     result["speedup_fp32"] = g["extrapolated_500_s"] / fp32["median_s"]
     result["speedup_best"] = g["extrapolated_500_s"] / best["median_s"]
     # the same ratio in CPU seconds: 500 x CPU per Gatys step vs one feed-forward call's CPU
     result["speedup_fp32_cpu"] = 500 * g["median_cpu_per_step_s"] / fp32["median_cpu_s"]
     result["best_variant"] = best["variant"]
-    serving = next(r for r in result["feed_forward"] if r["variant"] == served)
+    serving = next((r for r in result["feed_forward"] if r["variant"] == served), fp32)
     result["served_median_s"] = serving["median_s"]
     result["speedup_served"] = g["extrapolated_500_s"] / serving["median_s"]
-    # what bf16 changes in the output: 0..255 pixel differences against fp32, same image and weights
-    a = np.asarray(stylize_image(model, content, precision="fp32"), dtype=np.float32)
-    b = np.asarray(stylize_image(model, content, precision="bf16"), dtype=np.float32)
-    diff = np.abs(a - b)
-    result["bf16_vs_fp32_pixels"] = {"mean_abs": float(diff.mean()), "p99_abs": float(np.percentile(diff, 99)),
-                                     "max_abs": float(diff.max())}
-    print(f"served here ({served}, NCHW): {serving['median_s']:.3f} s, {result['speedup_served']:.0f}x Gatys; "
-          f"bf16 vs fp32 output: mean |diff| {diff.mean():.2f}/255, p99 {np.percentile(diff, 99):.0f}/255", flush=True)
+    print(f"served here ({served}, NCHW): {serving['median_s']:.3f} s, {result['speedup_served']:.0f}x Gatys",
+          flush=True)
+    if any(v.startswith("bf16") for v in variants):
+        # what bf16 changes in the output: 0..255 pixel differences against fp32, same image and weights
+        a = np.asarray(stylize_image(model, content, precision="fp32"), dtype=np.float32)
+        b = np.asarray(stylize_image(model, content, precision="bf16"), dtype=np.float32)
+        diff = np.abs(a - b)
+        result["bf16_vs_fp32_pixels"] = {"mean_abs": float(diff.mean()), "p99_abs": float(np.percentile(diff, 99)),
+                                         "max_abs": float(diff.max())}
+        print(f"bf16 vs fp32 output: mean |diff| {diff.mean():.2f}/255, p99 {np.percentile(diff, 99):.0f}/255",
+              flush=True)
     print(f"speed-up vs 500-step Gatys: fp32 {result['speedup_fp32']:.0f}x, best ({best['variant']}) "
           f"{result['speedup_best']:.0f}x; in CPU time (fp32) {result['speedup_fp32_cpu']:.0f}x", flush=True)
+    result["cpu"] = cpu_features()  # the figures hold for this kind of CPU (bf16 native or not)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

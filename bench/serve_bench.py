@@ -274,7 +274,9 @@ def main(argv=None) -> int:
     print("non-200 answers in the measured cells:", errors)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from jobs.precision import cpu_features
     out.write_text(json.dumps({"args": vars(args), "machine": platform.platform(), "cpus": os.cpu_count(),
+                               "cpu": cpu_features(),
                                "summary": summary, "cells": cells, "overload": overload}, indent=2, default=str))
     print("wrote", out)
     return 0

@@ -33,6 +33,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from jobs import style as S  # noqa: E402
 from jobs.images import load_image  # noqa: E402
+from jobs.precision import cpu_features  # noqa: E402
 from jobs.vgg import load_vgg  # noqa: E402
 
 # ----------------------------------------------------------------------------- reference (d2l)
@@ -326,6 +327,7 @@ def main() -> None:
             results["lbfgs"] = phase_lbfgs(args, content, style, features, ref_s)
         if "lbfgs" in results and "ref500" in results:
             results["lbfgs_summary"] = lbfgs_summary(results)
+        results["cpu"] = cpu_features()  # the figures hold for this kind of CPU (bf16 native or not)
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
