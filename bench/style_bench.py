@@ -281,12 +281,38 @@ def lbfgs_summary(results: dict) -> dict:
         print(f"{name}: reaches {target:.5g} in {statistics.median(wall):.1f}s wall "
               f"({out[name]['fraction_of_reference_wall']:.3f} of the reference's {ref['seconds']:.1f}s), "
               f"CPU fraction {out[name]['fraction_of_reference_cpu']:.3f}", flush=True)
+        out[name]["per_term"] = per_term(run, ref["final"], last)
+        for t in out[name]["per_term"]:
+            print(f"  per term: {t}", flush=True)
     return out
+
+
+TERMS = ("content", "style", "tv")
+
+
+def per_term(run: dict, final: dict, last_scale: int) -> list[dict]:
+    """Each curve's content, style and TV terms against the reference's final ones: at the first
+    full-size evaluation whose total reaches the reference's total, at the curve's end, and the
+    seconds until content and style are both at or below the reference's (inf when never). The
+    total alone can mislead: with random VGG weights the TV term is ~98% of it, and upsampling
+    between scales halves TV, so a total reached says little about the style and content terms."""
+    rows = []
+    for curve in run["curves"]:
+        full = [r for r in curve if r["scale"] == last_scale]
+        at_total = next((r for r in full if r["total"] <= final["total"]), None)
+        both = next((r["wall_s"] for r in full if r["content"] <= final["content"] and r["style"] <= final["style"]),
+                    float("inf"))
+        rows.append({"at_total": None if at_total is None else {k: at_total[k] / final[k] for k in TERMS},
+                     "at_end": {k: full[-1][k] / final[k] for k in TERMS} if full else None,
+                     "end_s": full[-1]["wall_s"] if full else None,
+                     "content_and_style_reached_s": both})
+    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--phase", nargs="+", default=["steps"], choices=["ref500", "steps", "lbfgs"], help="what to run")
+    p.add_argument("--phase", nargs="+", default=["steps"], choices=["ref500", "steps", "lbfgs", "summary"],
+                   help="what to run (summary: only recompute the L-BFGS summary from --out)")
     p.add_argument("--content", default="/work/shared/data/rainier.jpg", help="content image")
     p.add_argument("--style", default="/work/shared/data/autumn-oak.jpg", help="style image")
     p.add_argument("--size", nargs=2, type=int, default=[300, 450], help="H W")
@@ -304,6 +330,17 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random VGG weights")
     p.add_argument("--out", default="bench/results/style_bench.json", help="results JSON (merged)")
     args = p.parse_args()
+    if args.phase == ["summary"]:  # no measurement: the file keeps its command, machine and CPU
+        with open(args.out) as f:
+            results = json.load(f)
+        if "lbfgs" not in results or "ref500" not in results:
+            raise SystemExit(f"{args.out} has no lbfgs and ref500 results to summarise")
+        results["lbfgs_summary"] = lbfgs_summary(results)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        return
+    if "summary" in args.phase:
+        raise SystemExit("--phase summary runs alone (the other phases summarise as they finish)")
     torch.set_num_threads(args.threads)
     content = load_image(args.content)
     style = load_image(args.style)
