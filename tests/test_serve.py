@@ -381,6 +381,22 @@ def test_a_job_whose_replica_dies_is_retried_then_marked_failed(client):
 
 
 @pytest.mark.slow
+def test_a_job_whose_replica_dies_once_is_retried_and_finishes(client):
+    """The other half of the retry rule: one replica death mid-job costs the attempt, not the job."""
+    r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 400}))
+    job_id = r.json()["id"]
+    job = wait_job(client, job_id, lambda j: j["status"] == "running" and j["progress"] is not None, timeout=90)
+    name, actor = replica_actor("StylePool")
+    assert name.endswith(job["replica"])
+    ray.kill(actor, no_restart=True)
+    job = wait_job(client, job_id, lambda j: j["status"] in ("done", "failed"), timeout=180)
+    assert (job["status"], job["attempt"]) == ("done", 2), job
+    assert "replica died" in job["retried_because"]
+    png = client.get(f"/style/jobs/{job_id}/result")
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
 def test_cancelled_queued_jobs_leave_the_pool_queue(client):
     """A submit-then-DELETE loop (3x style_max_queued) behind a running job: each cancelled job's request
     is withdrawn from the StylePool router, so its max_queued_requests never fills for the next job."""
