@@ -8,7 +8,7 @@ the JSON of results.
 
 Phases (`--phases`, in this order):
 
-- memory: the same fine-tuning job (`bench/finetune_budget.py`: jobs.finetune + --time-budget; `--weights none --mode scratch --image-size 224`, i.e.
+- memory: the same fine-tuning job (`jobs.finetune --weights none --mode scratch --image-size 224`, i.e.
   decoded at 256 px, `--time-budget` seconds of training, then the whole test set evaluated) at N
   and 4N images, in stream and resident mode. Per run: the training workers' peak RSS
   (result.json's `worker_peak_rss_mb`, the max over ranks of ru_maxrss), the driver's peak RSS
@@ -25,22 +25,19 @@ Phases (`--phases`, in this order):
   `read_binary_files` + decoding in `map_batches`. Same files, same count, per-epoch start-up
   included (a fresh pipeline / DataLoader workers per pass, as the job does each epoch); repeats
   interleaved, medians.
-- e2e: the same 2-epoch `jobs.finetune` at 224 px on a small set, stream vs resident, with the
-  history's per-epoch times (training and evaluation).
+- e2e: the same 2-epoch `jobs.finetune` at 224 px on a small set, stream vs resident, --job-repeats
+  times interleaved, with the history's per-epoch times (training and evaluation); medians.
 - accuracy: the same 2-epoch `jobs.finetune` (same data, seed, schedule) in both modes on the N set
-  at --acc-image-size; test accuracy compared.
+  at --acc-image-size, for --acc-seeds seeds; test accuracy compared per seed.
 
 Every job runs on the embedded Ray (2 logical CPUs here) with --num-workers Ray Train workers x 1
 CPU and --decode-cpus. Default: 1 worker, decode tasks of 1 CPU (the other CPU). With 2 workers the
 job only accepts --decode-cpus 0, and 0-CPU decode tasks are not bounded by CPUs (see BENCHMARKS.md).
 
     python bench/stream_bench.py --out bench/results/stream_bench.json       # the issue's sizes (N = 5,000)
-    # what BENCHMARKS.md reports (a 2-core machine shared with other work, ~30 minutes):
-    python bench/stream_bench.py --n 1000 --memory-budget 10 --memory-batch 32 --throughput-images 1024 --repeats 3 \
-        --e2e-train 80 --e2e-test 40 --e2e-batch 32 --acc-image-size 32 --batch-size 64 --keep-data
 
-Beware: `--time-budget` counts the wait for the first batch, so in stream mode a short
---memory-budget can end before the first training step (then the peak holds no backward pass).
+`--time-budget` counts training steps only (from each pass's first batch), so the memory runs'
+peaks hold backward passes in both modes.
 """
 from __future__ import annotations
 
@@ -187,8 +184,8 @@ class TreePoller(threading.Thread):
 
 
 def run_job(args, name: str, data: Path, mode: str, extra: list[str], module: str = "jobs.finetune") -> dict:
-    """One `python -m jobs.finetune` run (or `module`: bench.finetune_budget, the same job with
-    --time-budget) in a subprocess (embedded Ray); returns its figures."""
+    """One `python -m jobs.finetune` run (or another job `module`) in a subprocess (embedded Ray);
+    returns its figures."""
     record = Path(args.work) / f"{name}.record.json"
     if args.reuse and record.exists():
         log(f"{name}: reusing {record} (--reuse)")
@@ -263,10 +260,10 @@ def phase_memory(args, sets) -> dict:
     modes = args.memory_modes
     for mode in modes:
         for key in ("small", "big"):
-            name = f"mem-{mode}-{key}" + (f"-b{args.memory_budget:g}" if args.memory_budget != 10 else "")
+            name = f"mem-{mode}-{key}-b{args.memory_budget:g}"
             out[f"{mode}/{key}"] = run_job(args, name, sets[key], mode,
                                            ["--image-size", "224", "--time-budget", f"{args.memory_budget:g}",
-                                            "--batch-size", str(args.memory_batch)], module="bench.finetune_budget")
+                                            "--batch-size", str(args.memory_batch)])
             r = out[f"{mode}/{key}"]
             log(f"{name}: worker peak {r['worker_peak_rss_mb']:.0f} MB, driver peak {r['driver_peak_rss_mb']:.0f} MB, "
                 f"tree {r['tree_peak_rss_mb']:.0f} MB, {r['wall_s']:.0f} s")
@@ -414,20 +411,37 @@ def phase_throughput(args, sets) -> dict:
 
 
 def phase_e2e(args, sets) -> dict:
-    out = {}
-    for mode in ("stream", "resident"):
-        out[mode] = run_job(args, f"e2e-{mode}", sets["e2e"], mode,
-                            ["--image-size", "224", "--epochs", "2", "--batch-size", str(args.e2e_batch)])
+    runs: dict[str, list] = {"stream": [], "resident": []}
+    for r in range(args.job_repeats):  # interleaved, the first mode alternating
+        for mode in (("stream", "resident") if r % 2 == 0 else ("resident", "stream")):
+            runs[mode].append(run_job(args, f"e2e-{mode}-{r}", sets["e2e"], mode,
+                                      ["--image-size", "224", "--epochs", "2", "--batch-size", str(args.e2e_batch)]))
+    out: dict = {"runs": runs, "median": {}}
+    for mode, rs in runs.items():
+        med = out["median"][mode] = {"wall_s": statistics.median(r["wall_s"] for r in rs)}
+        for e in range(2):
+            eps = [r["epochs"][e] for r in rs]
+            med[f"epoch{e + 1}_s"] = round(statistics.median(x["epoch_time_s"] for x in eps), 2)
+            # the training pass's wall time (examples_per_sec is over it, start-up included)
+            med[f"epoch{e + 1}_train_s"] = round(statistics.median(x["train_examples"] / x["examples_per_sec"]
+                                                                   for x in eps), 2)
+    s, r = out["median"]["stream"], out["median"]["resident"]
+    out["stream_over_resident"] = {k: round(s[k] / r[k], 3) for k in s}
     return out
 
 
 def phase_accuracy(args, sets) -> dict:
-    out = {}
-    for mode in ("stream", "resident"):
-        out[mode] = run_job(args, f"acc-{mode}", sets["small"], mode,
-                            ["--image-size", str(args.acc_image_size), "--epochs", "2",
-                             "--batch-size", str(args.batch_size)])
-    out["difference_points"] = round(100 * (out["stream"]["test_acc"] - out["resident"]["test_acc"]), 2)
+    out: dict = {"seeds": {}}
+    for seed in range(args.acc_seeds):
+        runs = {mode: run_job(args, f"acc-{mode}-s{seed}", sets["small"], mode,
+                              ["--image-size", str(args.acc_image_size), "--epochs", "2", "--lr", f"{args.acc_lr:g}",
+                               "--momentum", f"{args.acc_momentum:g}", "--batch-size", str(args.batch_size),
+                               "--seed", str(seed)])
+                for mode in ("stream", "resident")}
+        runs["difference_points"] = round(100 * (runs["stream"]["test_acc"] - runs["resident"]["test_acc"]), 2)
+        out["seeds"][seed] = runs
+    diffs = [v["difference_points"] for v in out["seeds"].values()]
+    out["difference_points"] = {"each": diffs, "median": statistics.median(diffs), "max_abs": max(map(abs, diffs))}
     return out
 
 
@@ -456,16 +470,23 @@ def print_tables(res: dict) -> None:
         for k, v in t["median_images_per_s"].items():
             print(f"| {k} | {v:.1f} | {', '.join(f'{x:.1f}' for x in t['all_images_per_s'][k])} | "
                   f"{t['ratio_to_torchvision'][k]:.2f}x |")
-    for phase in ("e2e", "accuracy"):
-        e = res.get(phase)
-        if e:
-            print(f"\n{phase}: | mode | epoch 1 s | epoch 2 s | train img/s ep1, ep2 | test acc | wall s |")
-            for mode in ("stream", "resident"):
-                r = e[mode]
-                ep = r["epochs"]
-                rates = ", ".join(f"{x['examples_per_sec']:.1f}" for x in ep)
-                print(f"| {mode} | {ep[0]['epoch_time_s']:.1f} | {ep[-1]['epoch_time_s']:.1f} | "
-                      f"{rates} | {r['test_acc']:.4f} | {r['wall_s']:.0f} |")
+    e = res.get("e2e")
+    if e:
+        print("\n| mode (median of runs) | epoch 1 s | epoch 2 s | training pass 1 s | training pass 2 s | wall s |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for mode, m in e["median"].items():
+            print(f"| {mode} | {m['epoch1_s']:.1f} | {m['epoch2_s']:.1f} | {m['epoch1_train_s']:.1f} | "
+                  f"{m['epoch2_train_s']:.1f} | {m['wall_s']:.0f} |")
+        q = e["stream_over_resident"]
+        print(f"| stream / resident | {q['epoch1_s']:.3f} | {q['epoch2_s']:.3f} | {q['epoch1_train_s']:.3f} | "
+              f"{q['epoch2_train_s']:.3f} | {q['wall_s']:.3f} |")
+    a = res.get("accuracy")
+    if a:
+        print("\n| seed | stream test acc | resident test acc | difference (points) |")
+        print("|---|---:|---:|---:|")
+        for seed, v in a["seeds"].items():
+            print(f"| {seed} | {v['stream']['test_acc']:.4f} | {v['resident']['test_acc']:.4f} | "
+                  f"{v['difference_points']:+.2f} |")
 
 
 def main() -> None:
@@ -481,18 +502,22 @@ def main() -> None:
                    "2 workers on the 2-CPU embedded Ray only 0 is accepted")
     p.add_argument("--batch-size", type=int, default=64, help="global batch of the accuracy jobs (the throughput "
                    "phase uses one rank's share of it)")
-    p.add_argument("--memory-budget", type=float, default=10, help="--time-budget (s of training) of the memory runs "
-                   "(jobs.finetune has no --time-budget: they run bench/finetune_budget.py, the same job with it)")
+    p.add_argument("--memory-budget", type=float, default=30, help="--time-budget (s of training) of the memory runs")
     p.add_argument("--memory-modes", nargs="+", choices=("stream", "resident"), default=["stream", "resident"],
                    help="data modes of the memory runs")
     p.add_argument("--memory-batch", type=int, default=64, help="global batch of the memory runs")
     p.add_argument("--poll-s", type=float, default=0.25, help="how often the driver's and the tree's RSS are polled")
     p.add_argument("--throughput-images", type=int, default=1536, help="training images per throughput measurement")
     p.add_argument("--repeats", type=int, default=3, help="throughput repeats (interleaved; medians reported)")
-    p.add_argument("--e2e-train", type=int, default=256, help="training images of the 224 px epoch-time set")
+    p.add_argument("--e2e-train", type=int, default=160, help="training images of the 224 px epoch-time set")
     p.add_argument("--e2e-test", type=int, default=64, help="test images of the 224 px epoch-time set")
-    p.add_argument("--e2e-batch", type=int, default=64, help="global batch of the 224 px epoch-time runs")
-    p.add_argument("--acc-image-size", type=int, default=32, help="--image-size of the accuracy runs (on the N set)")
+    p.add_argument("--e2e-batch", type=int, default=32, help="global batch of the 224 px epoch-time runs")
+    p.add_argument("--job-repeats", type=int, default=3, help="runs per mode of the epoch-time jobs (interleaved; medians)")
+    p.add_argument("--acc-image-size", type=int, default=64, help="--image-size of the accuracy runs (on the N set)")
+    p.add_argument("--acc-seeds", type=int, default=3, help="seeds of the accuracy runs (each in both modes)")
+    p.add_argument("--acc-lr", type=float, default=0.05, help="--lr of the accuracy runs")
+    p.add_argument("--acc-momentum", type=float, default=0.9, help="--momentum of the accuracy runs (so that 2 epochs "
+                   "from scratch learn something to compare)")
     p.add_argument("--reuse", action="store_true", help="reuse each job run recorded in --work by an earlier "
                    "invocation (<name>.record.json) instead of running it again")
     p.add_argument("--keep-data", action="store_true", help="keep the generated sets in --work afterwards")

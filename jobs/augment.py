@@ -16,6 +16,7 @@ from torch import nn
 from jobs.transforms import AugmentSpec, alternating_flip, compose, flip_bits, parse_aug_names
 from jobs.cli import UserError, run_cli
 from jobs import driver, stream
+from jobs.budget import BudgetOptions
 from jobs.config import RunOptions, build_parser, option
 from jobs.data import RankShards, load_image_data
 from jobs.sources import FileSource
@@ -64,7 +65,7 @@ def recipe_default(key: str) -> str:
 
 
 @dataclass
-class Config(stream.DataOptions, RunOptions):
+class Config(BudgetOptions, stream.DataOptions, RunOptions):
     """The augmentation job. Defaults are the reference recipe (SPEC section 1); `recipe="fast"`
     changes the defaults of the fields left None (see RECIPES); any field can still be set."""
 
@@ -86,9 +87,6 @@ class Config(stream.DataOptions, RunOptions):
                               default_text=f"reference: {RECIPES['reference']['arch']}; {FAST_ARCH_TEXT}")
     epochs: int | None = option(None, "epochs, unless --time-budget is given", min=1,
                                 default_text=recipe_default("epochs"))
-    time_budget: float | None = option(None, "train for this many seconds instead of --epochs: the schedule is "
-                                       "planned to fit (training steps only; evaluation is extra)", above=0,
-                                       default_text="none")
     batch_size: int | None = option(None, "global batch size, split over workers", min=1,
                                     default_text=f"reference: {RECIPES['reference']['batch_size']}; {FAST_BATCH_TEXT}")
     optimizer: str | None = option(None, "adam, or sgd with Nesterov momentum", choices=("adam", "sgd"),
@@ -147,8 +145,7 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> Tra
     batch = cfg.batch_size // world
     if cfg.data_mode == "stream":
         index = stream.file_index(cfg)
-        shards = stream.StreamShards(index, rank, world, batch, device, cfg.seed, cfg.image_size, "stretch",
-                                     cfg.decode_cpus)
+        shards = stream.StreamShards.for_job(cfg, index, rank, world, batch, device, cfg.image_size, "stretch")
         head, classes, image_size, n_train = shards.sample(10000), index.classes, shards.shape, len(index.train)
     else:
         data = load_image_data(cfg.data, cfg.data_root, cfg.image_size).subset(cfg.limit_train, cfg.limit_test)
@@ -202,7 +199,7 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> Tra
         prepare=prepare, task=Classification(cfg.label_smoothing, cfg.tta),
         schedule=(lambda p: warmup_decay(p, cfg.warmup)) if cfg.schedule == "warmup-decay" else constant,
         averager=Lookahead() if cfg.lookahead else None,
-        stats=getattr(shards, "stats", None),
+        stats=getattr(shards, "stats", None), close=getattr(shards, "close", None),
         meta={"classes": classes, "arch": cfg.arch, "image_size": list(image_size),
               "preset": preset.to_dict()},
     )

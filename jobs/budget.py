@@ -7,10 +7,22 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from jobs.config import option
+
+
+@dataclass
+class BudgetOptions:
+    """The time-budget field of every training job (augment, finetune, fast_style)."""
+
+    time_budget: float | None = option(None, "train for this many seconds instead of --epochs: the schedule is "
+                                       "planned to fit (training steps only: evaluation, checkpoints and a streamed "
+                                       "pass's wait for its first batch are extra)", above=0, default_text="none")
 
 
 class StepPlan:

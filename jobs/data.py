@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-import numpy as np
 import torch
 
 from jobs.cli import UserError
@@ -129,15 +128,20 @@ def open_content_source(source: str) -> FileSource:
 
 def decode_index(files: FileSource, index: FileIndex, image_size: int | None, fit: str = "stretch") -> ImageData:
     """Decode every image of `index` into uint8 tensors (one size: `image_size`, or the files' own)."""
-    out = []
+    out, shape = [], None
     try:
         for names, labels in ((index.train, index.train_labels), (index.test, index.test_labels)):
-            xs = [decode_pixels(files.read(n), n, image_size, fit) for n in names]
-            sizes = {x.shape for x in xs}
-            if len(sizes) > 1:
-                raise UserError(f"{index.location}: images have different sizes {sorted(sizes)[:3]}...; "
-                                f"pass --image-size to resize them")
-            out += [torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), labels]
+            xs = None  # (N, 3, H, W) filled image by image: the set is held once, not per image and stacked
+            for i, name in enumerate(names):
+                x = decode_pixels(files.read(name), name, image_size, fit)
+                shape = shape or x.shape
+                if x.shape != shape:
+                    raise UserError(f"{index.location}: images have different sizes ({name} is {x.shape[1]}x"
+                                    f"{x.shape[0]}, others {shape[1]}x{shape[0]}); pass --image-size to resize them")
+                if xs is None:
+                    xs = torch.empty((len(names), shape[2], shape[0], shape[1]), dtype=torch.uint8)
+                xs.numpy()[i] = x.transpose(2, 0, 1)  # HWC -> CHW, written into the set's tensor
+            out += [xs if xs is not None else torch.empty((0, 3, *(shape or (0, 0))[:2]), dtype=torch.uint8), labels]
     finally:
         files.close()
     return ImageData(*out, index.classes)

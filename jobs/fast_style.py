@@ -29,6 +29,7 @@ import torch
 from jobs.transforms import horizontal_flip
 from jobs.cli import UserError, run_cli
 from jobs import driver, stream
+from jobs.budget import BudgetOptions
 from jobs.config import RunOptions, build_parser, option
 from jobs.paths import is_uri, storage_dir
 from jobs.data import RankShards, load_content_images
@@ -39,7 +40,7 @@ from jobs.vgg import RANDOM_WEIGHTS_WARNING, VGGFeatures, load_vgg
 from jobs.transformer_net import MIN_SIDE, TransformerNet, save_style_model, valid_style_name
 
 @dataclass
-class Config(StyleLosses, stream.DataOptions, RunOptions):
+class Config(StyleLosses, BudgetOptions, stream.DataOptions, RunOptions):
     """One style's training run. Losses, layers and weights are jobs.style's (`StyleLosses`, SPEC section 3);
     optimiser, batch and image size follow Johnson et al. (Adam 1e-3, batch 4 per GPU, 256 px, 2 epochs of COCO)."""
 
@@ -55,7 +56,7 @@ class Config(StyleLosses, stream.DataOptions, RunOptions):
                                      default_text="all")
     limit_test: int | None = option(None, "use only N validation images (fixed random draw)", min=1,
                                     default_text="all")
-    epochs: int = option(2, "epochs", min=1)
+    epochs: int = option(2, "epochs, unless --time-budget is given", min=1)
     batch_size: int = option(8, "global batch size, split over workers", min=1)
     lr: float = option(1e-3, "Adam learning rate", above=0)
     preview_count: int = option(4, "validation images on each epoch's preview sheet", min=0)
@@ -151,8 +152,8 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> Tra
     targets built once per worker."""
     batch = max(1, cfg.batch_size // world)
     if cfg.data_mode == "stream":
-        shards = stream.StreamShards(stream.file_index(cfg, content=True), rank, world, batch, device, cfg.seed,
-                                     cfg.image_size, "center", cfg.decode_cpus)
+        shards = stream.StreamShards.for_job(cfg, stream.file_index(cfg, content=True), rank, world, batch, device,
+                                             cfg.image_size, "center")
         preview = shards.sample(cfg.preview_count, "test") if cfg.preview_count else torch.zeros(0, 3, 1, 1)
     else:
         data = load_content_images(cfg.data, cfg.data_root, cfg.image_size, cfg.limit_train).subset(
@@ -180,7 +181,7 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> Tra
         train_batches=shards.train_batches, test_batches=shards.test_batches, steps_per_epoch=shards.steps_per_epoch,
         prepare=prepare,
         task=PerceptualTask(extractor, grams, scfg, preview, storage_dir(cfg.storage_path, cfg.name) / "previews"),
-        stats=getattr(shards, "stats", None),
+        stats=getattr(shards, "stats", None), close=getattr(shards, "close", None),
         meta={"kind": "fast_style", "style_name": cfg.style_name, "style": cfg.style, "image_size": cfg.image_size},
     )
 

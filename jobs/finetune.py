@@ -20,6 +20,7 @@ from torch import nn
 
 from jobs.cli import UserError, run_cli
 from jobs import driver
+from jobs.budget import BudgetOptions
 from jobs.config import RunOptions, build_parser, option
 from jobs import stream
 from jobs.data import DOWNLOADS, RankShards, load_image_data
@@ -34,7 +35,7 @@ DEFAULT_LR = {"finetune": 0.01, "scratch": 0.1}
 
 
 @dataclass
-class Config(stream.DataOptions, RunOptions):
+class Config(BudgetOptions, stream.DataOptions, RunOptions):
     """The fine-tuning job; defaults are the reference recipe (SPEC section 2)."""
 
     data: str = option("hotdog", f"{', '.join(DOWNLOADS)} (downloads, sha1-checked) or an ImageFolder directory, .zip "
@@ -50,7 +51,7 @@ class Config(stream.DataOptions, RunOptions):
     image_size: int | None = option(None, "crop size fed to the model; the resize keeps the 256/224 ratio", min=8,
                                     default_text="224 for ImageNet weights, else the source checkpoint's")
     min_crop_scale: float = option(0.08, "smallest area fraction of RandomResizedCrop", above=0, max=1)
-    epochs: int = option(5, "epochs", min=1)
+    epochs: int = option(5, "epochs, unless --time-budget is given", min=1)
     batch_size: int = option(128, "global batch size, split over workers", min=1)
     lr: float | None = option(None, "SGD base learning rate", above=0,
                               default_text=f"{DEFAULT_LR['finetune']} finetune, {DEFAULT_LR['scratch']} scratch")
@@ -254,8 +255,8 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> Tra
     preset = source.preset
     if cfg.data_mode == "stream":
         data = stream.file_index(cfg)
-        shards = stream.StreamShards(data, rank, world, cfg.batch_size // world, device, cfg.seed, preset.resize,
-                                     "center", cfg.decode_cpus)
+        shards = stream.StreamShards.for_job(cfg, data, rank, world, cfg.batch_size // world, device,
+                                             preset.resize, "center")
     else:
         data = load_image_data(cfg.data, cfg.data_root, preset.resize, fit="center")
         shards = RankShards(data, rank, world, cfg.batch_size // world, device, cfg.seed)
@@ -275,7 +276,7 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> Tra
         model=model, optimizer=optimizer,
         train_batches=shards.train_batches, test_batches=shards.test_batches, steps_per_epoch=shards.steps_per_epoch,
         prepare=prepare,  # task: classification, the default
-        stats=getattr(shards, "stats", None),
+        stats=getattr(shards, "stats", None), close=getattr(shards, "close", None),
         meta={"classes": data.classes, "arch": source.arch, "image_size": [preset.crop, preset.crop],
               "preset": preset.to_dict(), "weights": source.origin if cfg.mode == "finetune" else "random init"},
     )

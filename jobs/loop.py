@@ -98,6 +98,7 @@ class TrainSetup:
     averager: Lookahead | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     stats: Callable[[], dict[str, float]] | None = None  # per-epoch counts from the data (bad files), summed over ranks
+    close: Callable[[], None] | None = None  # at the end of the run: release the data (stream mode's passes started ahead)
 
 
 class Amp:
@@ -191,6 +192,8 @@ def train(cfg, job, session, rank: int, world: int, device: torch.device) -> lis
         report(session, rank, cfg, setup, history, steps.state(done=last))
         if last:
             break
+    if setup.close is not None:
+        setup.close()  # an error instead ends the worker, and its threads with it
     return history
 
 
@@ -206,6 +209,8 @@ def train_one_epoch(model: nn.Module, setup: TrainSetup, epoch: int, steps: Step
     sums, step = dict.fromkeys(("loss", *task.metrics, "count"), 0), epoch * setup.steps_per_epoch
     steps.start_clock()
     for i, (images, labels) in enumerate(setup.train_batches(epoch)):
+        if i == 0:
+            steps.start_clock()  # from the first batch: a streamed pass's start-up is not training time
         if steps.done(step):
             break
         for group, lr in zip(optimizer.param_groups, base_lrs):

@@ -13,7 +13,9 @@ pipeline (`from_items` of names -> `map_batches(decode_rows)`: read the bytes, d
 the job's preset) and iterates it with `iter_torch_batches`, which prefetches while the model
 trains; blocks come back as they finish (Ray Data does not preserve order), so the order within
 a window of in-flight blocks is shuffled again. Evaluation streams files rank::world, resident
-mode's strided test shard: every test image is evaluated exactly once per evaluation.
+mode's strided test shard: every test image is evaluated exactly once per evaluation. Each pass
+runs in a thread (`Pass`) and the next one (`StreamShards.next_pass`) starts when the current one
+has produced its last batch, so a new pipeline's start-up overlaps the end of the one before.
 
 Bad files (corrupt, not an image, a different size where no resize is asked): in training a bad
 file's slot is filled with a copy of another image of its block (so ranks keep equal step counts),
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -192,24 +196,34 @@ class StreamShards:
     just yielded (per-image state such as alternating flips), and `sample(k)`: the first k images."""
 
     def __init__(self, index: FileIndex, rank: int, world: int, batch: int, device: torch.device, seed: int,
-                 image_size: int | None, fit: str, decode_cpus: float = 1.0, prefetch_batches: int = 2):
+                 image_size: int | None, fit: str, decode_cpus: float = 1.0, prefetch_batches: int = 2,
+                 epochs: int | None = None, eval_every: int = 1):
         self.index, self.rank, self.world, self.batch, self.device, self.seed = index, rank, world, batch, device, seed
         self.size, self.fit, self.decode_cpus, self.prefetch = image_size, fit, decode_cpus, prefetch_batches
         self.shape = (image_size, image_size) if image_size else first_image_size(FileSource(index.location), index)
         self.steps_per_epoch = math.ceil(len(index.train) // world / batch)  # the same on every rank
         self.bad = {"bad_train_files": 0, "bad_test_files": 0}
         self.last_indices = torch.zeros(0, dtype=torch.long)
+        self.epochs, self.eval_every, self.epoch = epochs, eval_every, -1  # for next_pass
+        self._ahead: Pass | None = None  # the next pass, started ahead
+        self._lock = threading.Lock()
         quiet_ray_data()
 
-    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from jobs.data import shard_indices
+    @classmethod
+    def for_job(cls, cfg, index: FileIndex, rank: int, world: int, batch: int, device: torch.device,
+                image_size: int | None, fit: str) -> "StreamShards":
+        """A job's shards: seed, --decode-cpus, and the order of its passes (--epochs unless it has a
+        --time-budget, --eval-every) from its config."""
+        return cls(index, rank, world, batch, device, cfg.seed, image_size, fit, cfg.decode_cpus,
+                   epochs=None if getattr(cfg, "time_budget", None) else cfg.epochs,
+                   eval_every=getattr(cfg, "eval_every", 1))
 
-        idx = shard_indices(len(self.index.train), self.rank, self.world, epoch, self.seed).tolist()
-        return self._batches(self.index.train, self.index.train_labels, idx, fill=True, counter="bad_train_files")
+    def train_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.epoch = epoch
+        return self._stream(("train", epoch))
 
     def test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx = list(range(self.rank, len(self.index.test), self.world))
-        return self._batches(self.index.test, self.index.test_labels, idx, fill=False, counter="bad_test_files")
+        return self._stream(("test", self.epoch))
 
     def sample(self, k: int, split: str = "train", max_bytes: float = 2e8) -> torch.Tensor:
         """The split's first k images (fewer where k of them would pass `max_bytes`) decoded here, as
@@ -228,13 +242,75 @@ class StreamShards:
         xs = [x for x in xs if x.shape[:2] == tuple(self.shape)]
         return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
 
+    def close(self) -> None:
+        """Stop the pass started ahead, if any (the run ended before asking for it)."""
+        with self._lock:
+            ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.close()
+
     def stats(self) -> dict[str, float]:
         """Bad files counted since the last call (this rank's; the loop sums them over ranks)."""
         out, self.bad = self.bad, dict.fromkeys(self.bad, 0)
         return out
 
-    def _batches(self, names: list[str], labels: torch.Tensor, idx: list[int], fill: bool, counter: str
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    # passes: ("train", epoch) or ("test", epoch) (the evaluation after that epoch's training)
+
+    def next_pass(self, key: tuple[str, int]) -> tuple[str, int] | None:
+        """The pass the loop asks for after `key` (None: none, or not known): the evaluation after an
+        epoch evaluated (every `eval_every`-th and the last), else the next epoch's training."""
+        split, epoch = key
+        last = self.epochs is not None and epoch + 1 >= self.epochs
+        if split == "train" and (last or (self.eval_every and (epoch + 1) % self.eval_every == 0)):
+            return "test", epoch
+        return None if last else ("train", epoch + 1)
+
+    def _stream(self, key: tuple[str, int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Iterate pass `key` (the one started ahead, if it is that one); once its last batch is
+        produced, the next pass starts, so its pipeline's start-up overlaps this pass's last steps."""
+        with self._lock:
+            current, self._ahead = self._ahead, None
+        if current is None or current.key != key:
+            if current is not None:
+                current.close()  # a guess that missed (e.g. a time budget cut the run short)
+            current = self._pass(key)
+        current.when_drained(lambda: self._start_ahead(self.next_pass(key)))
+        fill, counter = (True, "bad_train_files") if key[0] == "train" else (False, "bad_test_files")
+        for b in current:
+            bad = b["bad"].bool()
+            self.bad[counter] += int(bad.sum())
+            images, y, position = b["image"], b["label"], b["i"]
+            if not fill and bad.any():
+                images, y, position = images[~bad], y[~bad], position[~bad]
+                if not len(y):
+                    continue
+            self.last_indices = position
+            # NHWC over the wire -> NCHW uint8 on the device: what RankShards yields
+            yield images.permute(0, 3, 1, 2).to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _start_ahead(self, key: tuple[str, int] | None) -> None:
+        if key is None:
+            return
+        ahead = self._pass(key)
+        with self._lock:
+            old, self._ahead = self._ahead, ahead
+        if old is not None:
+            old.close()
+
+    def _pass(self, key: tuple[str, int]) -> "Pass":
+        from jobs.data import shard_indices
+
+        split, epoch = key
+        if split == "train":
+            idx = shard_indices(len(self.index.train), self.rank, self.world, epoch, self.seed).tolist()
+            names, labels = self.index.train, self.index.train_labels
+        else:
+            idx = list(range(self.rank, len(self.index.test), self.world))
+            names, labels = self.index.test, self.index.test_labels
+        return Pass(key, lambda: self._pipeline(names, labels, idx, fill=split == "train"), self.prefetch)
+
+    def _pipeline(self, names: list[str], labels: torch.Tensor, idx: list[int], fill: bool) -> Iterator[dict]:
+        """Ray Data batches ({"image", "label", "bad", "i"}, on the CPU) of the files `idx`."""
         import ray.data
 
         if not idx:
@@ -253,17 +329,67 @@ class StreamShards:
                                 scheduling_strategy="DEFAULT",
                                 fn_kwargs={"location": self.index.location, "size": self.size, "fit": self.fit,
                                            "shape": self.shape, "fill": fill})
-        for b in ds.iter_torch_batches(batch_size=self.batch, prefetch_batches=self.prefetch, device="cpu"):
-            bad = b["bad"].bool()
-            self.bad[counter] += int(bad.sum())
-            images, y, position = b["image"], b["label"], b["i"]
-            if not fill and bad.any():
-                images, y, position = images[~bad], y[~bad], position[~bad]
-                if not len(y):
-                    continue
-            self.last_indices = position
-            # NHWC over the wire -> NCHW uint8 on the device: what RankShards yields
-            yield images.permute(0, 3, 1, 2).to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        yield from ds.iter_torch_batches(batch_size=self.batch, prefetch_batches=self.prefetch, device="cpu")
+
+
+class Pass:
+    """One pass of a pipeline (a generator of batches) run by a thread into a queue of `depth`
+    batches: it starts when made, before anyone iterates it. Iterating yields its batches (an error
+    in the pipeline is raised here); leaving the loop early, or `close()`, stops the thread at its
+    next batch (and with it the pipeline)."""
+
+    _END = object()
+
+    def __init__(self, key, batches, depth: int):
+        self.key, self._queue, self._stop = key, queue.Queue(maxsize=max(1, depth)), threading.Event()
+        self._lock, self._drained, self._then = threading.Lock(), False, None
+        threading.Thread(target=self._produce, args=(batches,), name=f"stream-pass-{key}", daemon=True).start()
+
+    def when_drained(self, then) -> None:
+        """Call `then` once the pipeline has produced its last batch (now, if it has)."""
+        with self._lock:
+            if not self._drained:
+                self._then = then
+                return
+        then()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def __iter__(self):
+        try:
+            while True:
+                item = self._queue.get()
+                if item is Pass._END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.close()
+
+    def _produce(self, batches) -> None:
+        end = Pass._END
+        try:
+            for b in batches():
+                if not self._put(b):
+                    return  # closed: leaving the loop closes the pipeline
+            with self._lock:
+                self._drained, then = True, self._then
+            if then is not None:
+                then()
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            end = e
+        self._put(end)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
 
 def quiet_ray_data() -> None:

@@ -1,8 +1,10 @@
 """Stream mode (jobs.stream, jobs.sources): the same files, labels and pixels as resident mode from a
 directory, a .zip and a file:// URI; the mode choice; bad files; and real 2-worker Ray Train runs
 that stream (equal steps per rank, every test image evaluated once, resume after a killed worker)."""
+import itertools
 import json
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -15,8 +17,8 @@ from jobs import augment, driver, fast_style, finetune, loop
 from jobs.cli import UserError
 from jobs.data import load_image_data, make_synthetic
 from jobs.presets import Preset
-from jobs.sources import FileSource, index_content, index_image_folder
-from jobs.stream import StreamShards, choose_mode, decode_rows
+from jobs.sources import FileIndex, FileSource, index_content, index_image_folder
+from jobs.stream import Pass, StreamShards, choose_mode, decode_rows
 
 
 def make_folder(root: Path, n_train: int = 60, n_test: int = 21, size: int = 24, num_classes: int = 3,
@@ -125,6 +127,63 @@ def test_a_bad_file_is_filled_in_training_and_flagged_in_evaluation(tmp_path):
     odd = decode_rows(batch, str(folder), None, "stretch", (24, 29), fill=False)
     assert odd["bad"].tolist() == [0, 1, 0, 0]
     assert decode_rows(batch, str(folder), None, "stretch", (20, 20), fill=False)["bad"].tolist() == [1, 1, 1, 1]
+
+
+def test_a_pass_runs_ahead_and_the_next_one_starts_when_it_is_drained(monkeypatch):
+    """The loop's passes in order (train 0, test 0, train 1, ...): each starts before the loop asks
+    for it, once the one before has produced its last batch; a guess that missed is replaced."""
+    started = []
+
+    def fake_pipeline(self, names, labels, idx, fill):
+        started.append(("train" if fill else "test", len(idx)))
+        for i in idx:
+            yield {"image": torch.zeros(1, 2, 2, 3, dtype=torch.uint8), "label": torch.tensor([0]),
+                   "bad": torch.tensor([0]), "i": torch.tensor([i])}
+
+    monkeypatch.setattr(StreamShards, "_pipeline", fake_pipeline)
+    index = FileIndex("unused", [f"{i}.png" for i in range(6)], torch.zeros(6, dtype=torch.long),
+                      ["t.png"] * 2, torch.zeros(2, dtype=torch.long), ["a"])
+    shards = StreamShards(index, 0, 1, 1, torch.device("cpu"), 0, 2, "center", epochs=2, eval_every=1)
+    assert (shards.next_pass(("train", 0)), shards.next_pass(("test", 0)), shards.next_pass(("train", 1)),
+            shards.next_pass(("test", 1))) == (("test", 0), ("train", 1), ("test", 1), None)
+    assert len(list(shards.train_batches(0))) == 6
+    deadline = time.monotonic() + 10
+    while started != [("train", 6), ("test", 2)] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert started == [("train", 6), ("test", 2)]  # the evaluation started before it was asked for
+    assert shards._ahead.key == ("test", 0)
+    assert len(list(shards.test_batches())) == 2
+    assert sorted(int(b) for _, b in zip(range(3), (y for _, y in shards.train_batches(1)))) == [0, 0, 0]
+    # the loop stopped epoch 2 early and asks for the evaluation: the run-ahead guess (none here) or a new pass
+    assert len(list(shards.test_batches())) == 2
+    shards.close()
+    # without --eval-every 1 (fast recipe: eval_every 0) and with a time budget (epochs unknown)
+    budgeted = StreamShards(index, 0, 1, 1, torch.device("cpu"), 0, 2, "center", epochs=None, eval_every=0)
+    assert budgeted.next_pass(("train", 5)) == ("train", 6) and budgeted.next_pass(("test", 5)) == ("train", 6)
+
+
+def test_a_pass_hands_its_error_to_the_loop_and_stops_when_closed():
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(Pass("k", failing, depth=1))
+    produced = []
+
+    def endless():
+        for i in itertools.count():
+            produced.append(i)
+            yield i
+
+    p = Pass("k", endless, depth=2)
+    it = iter(p)
+    assert next(it) == 0
+    it.close()  # the loop left early
+    time.sleep(0.5)
+    n = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == n <= 5  # the producer stopped (bounded by the queue, not running on)
 
 
 # ----------------------------------------------------------------------------- with Ray
