@@ -1,17 +1,18 @@
 """Mixed load on the real service (issue 15): does classification keep its latency while style jobs
 run and a client floods bad inputs?
 
-    python bench/serve_mixed.py --seconds 60 --out bench/results/serve_mixed.json
+    python bench/serve_mixed.py --seconds 45 --repeats 3 --out bench/results/serve_mixed.json
 
 One Serve app (`serve.app:build_app`: classifier + style pool with random VGG weights, job store).
 Two phases of `--seconds` each, classify load at `--concurrency` closed-loop clients in both:
   1. classify only;
-  2. classify, while `--style-jobs` style jobs are kept running (each resubmitted when it ends) and a
-     flooder sends bad requests back to back (truncated and random bytes, an EPS header, hostile
-     style options, a cross-origin POST).
-Reports the classifier's req/s, p50 and p99 per phase (2xx only), every status seen, and the
-target's two checks: phase-2 p99 within 2x of phase 1, and zero 5xx anywhere except 503 (queue
-full, with Retry-After) on the classify load.
+  2. classify, while `--style-jobs` style jobs are kept running (each resubmitted when it ends) and
+     `--flooders` clients send bad requests back to back (truncated and random bytes, an EPS header,
+     hostile style options, a cross-origin POST).
+The pair runs `--repeats` times (alternating on one service). Reports the classifier's req/s, p50
+and p99 per phase (2xx only), every status seen, and the target's two checks: phase-2 p99 within
+2x of phase 1 (medians over the repeats, and each pair's ratio), and zero 5xx anywhere except 503
+(queue full, with Retry-After) on the classify load.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import asyncio
 import io
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -96,11 +98,22 @@ async def mixed_phase(base: str, body: bytes, args) -> dict:
     until = time.perf_counter() + args.seconds
     style_statuses: dict = {}
     bad_statuses: dict = {}
-    classify, _, _ = await asyncio.gather(
+    classify, *_ = await asyncio.gather(
         closed_loop(f"{base}/classify", body, args.concurrency, 10**6, args.seconds),
         style_keeper(base, args.style_jobs, until, style_statuses),
-        flooder(base, until, bad_statuses))
+        *(flooder(base, until, bad_statuses) for _ in range(args.flooders)))
     return {"classify": classify, "style": style_statuses, "bad_inputs": bad_statuses}
+
+
+def unexpected(only: dict, mixed: dict) -> dict:
+    """Answers no phase may give: a 503 (queue full, Retry-After) is allowed on the classify load and to
+    style submits, never to a bad input; any other 5xx or transport error is unexpected everywhere."""
+    c = mixed["classify"]
+    parts = {"classify_only": (only["statuses"], True), "classify_mixed": (c["statuses"], True),
+             "bad_inputs": (mixed["bad_inputs"], False),
+             "style": ({k.removeprefix("submit:"): v for k, v in mixed["style"].items() if k.startswith("submit:")}, True)}
+    return {f"{part}:{k}": v for part, (statuses, busy_ok) in parts.items() for k, v in statuses.items()
+            if (k.startswith("5") and not (busy_ok and k == "503")) or k.startswith("transport")}
 
 
 def main(argv=None) -> int:
@@ -108,6 +121,8 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=60, help="length of each phase (default 60)")
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop classify clients (default 32)")
     p.add_argument("--style-jobs", type=int, default=4, help="style jobs kept running in phase 2 (default 4)")
+    p.add_argument("--flooders", type=int, default=4, help="concurrent bad-input clients in phase 2 (default 4)")
+    p.add_argument("--repeats", type=int, default=3, help="classify-only + mixed pairs (medians reported)")
     p.add_argument("--arch", default="resnet18", help="classifier network (default resnet18, random weights)")
     p.add_argument("--crop", type=int, default=224, help="classifier input size (default 224)")
     p.add_argument("--port", type=int, default=8431, help="HTTP port (default 8431)")
@@ -131,24 +146,31 @@ def main(argv=None) -> int:
         base = f"http://127.0.0.1:{args.port}"
         wait_http(f"{base}/readyz", timeout=600)
         asyncio.run(closed_loop(f"{base}/classify", body, 8, 3, 30))  # warm-up
-        only = asyncio.run(closed_loop(f"{base}/classify", body, args.concurrency, 10**6, args.seconds))
-        print(f"classify only: {only['rps']:.2f} req/s, p50 {only['p50_ms']:.0f} ms, p99 {only['p99_ms']:.0f} ms, "
-              f"{only['statuses']}", flush=True)
-        mixed = asyncio.run(mixed_phase(base, body, args))
-        c = mixed["classify"]
-        print(f"mixed: classify {c['rps']:.2f} req/s, p50 {c['p50_ms']:.0f} ms, p99 {c['p99_ms']:.0f} ms, "
-              f"{c['statuses']}; style {mixed['style']}; bad inputs {mixed['bad_inputs']}", flush=True)
+        pairs = []
+        for r in range(args.repeats):
+            only = asyncio.run(closed_loop(f"{base}/classify", body, args.concurrency, 10**6, args.seconds))
+            print(f"[{r}] classify only: {only['rps']:.2f} req/s, p50 {only['p50_ms']:.0f} ms, p99 {only['p99_ms']:.0f} "
+                  f"ms, {only['statuses']}", flush=True)
+            mixed = asyncio.run(mixed_phase(base, body, args))
+            c = mixed["classify"]
+            print(f"[{r}] mixed: classify {c['rps']:.2f} req/s, p50 {c['p50_ms']:.0f} ms, p99 {c['p99_ms']:.0f} ms, "
+                  f"{c['statuses']}; style {mixed['style']}; bad inputs {mixed['bad_inputs']}", flush=True)
+            pairs.append({"classify_only": only, "mixed": mixed, "p99_ratio": c["p99_ms"] / only["p99_ms"],
+                          "unexpected": unexpected(only, mixed)})
         ray.shutdown()
-    # a 503 (queue full, Retry-After) is an allowed answer to the classify load and to style submits,
-    # never to a bad input; any other 5xx or transport error is unexpected everywhere
-    parts = {"classify_only": (only["statuses"], True), "classify_mixed": (c["statuses"], True),
-             "bad_inputs": (mixed["bad_inputs"], False),
-             "style": ({k.removeprefix("submit:"): v for k, v in mixed["style"].items() if k.startswith("submit:")}, True)}
-    fives = {f"{part}:{k}": v for part, (statuses, busy_ok) in parts.items() for k, v in statuses.items()
-             if (k.startswith("5") and not (busy_ok and k == "503")) or k.startswith("transport")}
-    result = {"args": vars(args), "cpu": cpu_features(), "classify_only": only, "mixed": mixed,
-              "p99_ratio": c["p99_ms"] / only["p99_ms"], "unexpected": fives}
-    print(f"p99 ratio mixed / classify-only: {result['p99_ratio']:.2f} (target <= 2); "
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    p99_only = med([x["classify_only"]["p99_ms"] for x in pairs])
+    p99_mixed = med([x["mixed"]["classify"]["p99_ms"] for x in pairs])
+    fives = {f"{i}:{k}": v for i, x in enumerate(pairs) for k, v in x["unexpected"].items()}
+    result = {"args": vars(args), "cpu": cpu_features(), "pairs": pairs,
+              "median": {"classify_only_p99_ms": p99_only, "mixed_p99_ms": p99_mixed,
+                         "classify_only_rps": med([x["classify_only"]["rps"] for x in pairs]),
+                         "mixed_rps": med([x["mixed"]["classify"]["rps"] for x in pairs]),
+                         "bad_requests_per_phase": med([sum(x["mixed"]["bad_inputs"].values()) for x in pairs])},
+              "p99_ratio_of_medians": p99_mixed / p99_only, "p99_ratio_each": [x["p99_ratio"] for x in pairs],
+              "unexpected": fives}
+    print(f"p99 (median of {args.repeats}) mixed {p99_mixed:.0f} ms / classify-only {p99_only:.0f} ms = "
+          f"{result['p99_ratio_of_medians']:.2f} (target <= 2; each pair {', '.join(f'{x:.2f}' for x in result['p99_ratio_each'])}); "
           f"unexpected answers: {fives or 'none'}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))

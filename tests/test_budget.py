@@ -110,3 +110,43 @@ def test_without_a_budget_the_plan_is_epochs_times_steps():
     plan, progress, epochs = run(None, lambda t: 0.1, epochs=3)
     assert plan.total == 150 and len(progress) == 150 and epochs == 3
     assert progress == [s / 150 for s in range(150)]
+
+
+def test_a_pass_waiting_for_its_first_batch_is_not_training_time(tmp_path):
+    """jobs.loop.train with a data source that takes 1 s to yield its first batch (a streamed pass's
+    start-up): the epoch's time includes the wait, the budget's training time does not."""
+    import time
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from jobs import loop
+    from test_train import FakeSession
+
+    def slow_start(epoch):
+        time.sleep(1.0)
+        for _ in range(2):
+            yield torch.randn(4, 3), torch.randint(0, 2, (4,))
+
+    def build_setup(cfg, device, rank, world):
+        model = torch.nn.Linear(3, 2)
+        return loop.TrainSetup(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                               train_batches=slow_start, test_batches=lambda: slow_start(0), steps_per_epoch=2,
+                               prepare=lambda x, train, g: x)
+
+    @dataclass
+    class Cfg:
+        name: str = "wait"
+        epochs: int = 2
+        seed: int = 0
+        cpus_per_worker: int = 1
+        time_budget: float | None = None
+
+    threads = torch.get_num_threads()
+    try:
+        history = loop.train(Cfg(), SimpleNamespace(build_setup=build_setup), FakeSession(tmp_path), 0, 1,
+                             torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert [h["steps"] for h in history] == [2, 4]
+    assert all(h["epoch_time_s"] >= 2.0 for h in history)  # the training pass's wait and the evaluation's
+    assert history[-1]["train_time_s"] < 0.5  # four steps of a linear model, without the two waits

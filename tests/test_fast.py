@@ -153,7 +153,9 @@ def test_fast_recipe_config_defaults_and_overrides():
 @pytest.mark.slow
 def test_time_budget_stops_on_time_and_learns(local_ray, tmp_path):
     budget = 15.0
-    cfg = Config(**FAST_TINY, time_budget=budget, eval_every=0, storage_path=str(tmp_path), name="budget")
+    # 32 steps an epoch, so that the budget holds a few epochs, not dozens of reports and checkpoints
+    cfg = Config(**{**FAST_TINY, "data": "synthetic:4096"}, time_budget=budget, eval_every=0,
+                 storage_path=str(tmp_path), name="budget")
     t0 = time.perf_counter()
     summary = driver.fit("jobs.augment", cfg)
     wall = time.perf_counter() - t0

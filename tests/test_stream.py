@@ -264,7 +264,8 @@ def test_augment_streams_a_zip_and_resumes_after_a_killed_worker(local_ray, tmp_
     data = zip_folder(folder, tmp_path / "set.zip")
     shutil.rmtree(folder)
     cfg = augment.Config(data=str(data), data_root=str(tmp_path / "cache"), batch_size=32, epochs=3, lr=2e-3,
-                         aug="altflip,crop", storage_path=str(tmp_path), name="z", data_mode="stream")
+                         aug="altflip,crop", arch="fast_cifar_net_small", storage_path=str(tmp_path), name="z",
+                         data_mode="stream")
     augment.validate(cfg)
     killed = kill_a_train_worker_after_first_checkpoint(local_ray, tmp_path / "z")
     summary = driver.fit("jobs.augment", cfg)
