@@ -107,7 +107,9 @@ def test_train_sweep_finetune_serve_classify(local_ray, tmp_path):
         while True:
             assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                # readiness, not liveness: /healthz answers as soon as the ingress runs, while the
+                # classifier replica may still be loading (then /classify is a 503 at once)
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
