@@ -75,20 +75,22 @@ def run_one(name: str, args, index: int) -> dict:
             "run": cfg.name, "cpu": cpu_features()}
 
 
-def probe_step_rate(threads: int, batch: int, precision: str, channels_last: bool, steps: int = 6) -> float:
-    """Images/s of one process doing the fast recipe's training steps (model, augmentation, SGD)."""
+def probe_step_rate(threads: int, batch: int, precision: str, channels_last: bool, steps: int = 6,
+                    arch: str = "fast_cifar_net", size: int = 32) -> float:
+    """Images/s of one process doing the fast recipe's training steps (model, augmentation, SGD) on
+    `size` x `size` images (below 32: what progressive resizing's low-resolution phase would get)."""
     import torch
 
     from jobs.transforms import random_translate
     from jobs.airbench import sgd_param_groups
-    from jobs.models import fast_cifar_net
+    from jobs.models import build_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = fast_cifar_net(10).to(memory_format=fmt)
+    model = build_model(arch, 10).to(memory_format=fmt)
     opt = torch.optim.SGD(sgd_param_groups(model, 0.1, 1e-3, 64), momentum=0.85, nesterov=True)
-    images, labels = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (batch,))
+    images, labels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8), torch.randint(0, 10, (batch,))
     g = torch.Generator().manual_seed(0)
     times = []
     for _ in range(steps):
@@ -107,20 +109,27 @@ def _probe_child(args):
     return probe_step_rate(*args)
 
 
-PROBES = [("fp32", False, 2), ("fp32", False, 1), ("bf16", False, 2), ("bf16", False, 1),
-          ("fp32", True, 2), ("bf16", True, 2)]  # (precision, channels_last, processes)
-
-
-def probe(global_batch: int = 1024) -> list[dict]:
-    """Total images/s per precision x memory format x layout (processes x threads = 2 cores)."""
+def probe(global_batch: int = 1024, arch: str = "fast_cifar_net", precisions=("fp32", "bf16"),
+          sizes=(32,), repeats: int = 1) -> list[dict]:
+    """Total images/s per precision x memory format x layout (processes x threads = 2 cores) x
+    image size, each cell measured `repeats` times (interleaved) and the median kept."""
     import multiprocessing as mp
 
+    cells = [(precision, channels_last, procs, size) for size in sizes for precision in precisions
+             for channels_last in (False, True) for procs in (2, 1)]
+    rates_of: dict[tuple, list[float]] = {c: [] for c in cells}
+    for _ in range(repeats):
+        for cell in cells:
+            precision, channels_last, procs, size = cell
+            with mp.get_context("spawn").Pool(procs) as pool:
+                rates = pool.map(_probe_child, [(2 // procs, global_batch // procs, precision, channels_last, 6,
+                                                 arch, size)] * procs)
+            rates_of[cell].append(sum(rates))
     rows = []
-    for precision, channels_last, procs in PROBES:
-        with mp.get_context("spawn").Pool(procs) as pool:
-            rates = pool.map(_probe_child, [(2 // procs, global_batch // procs, precision, channels_last)] * procs)
-        row = {"precision": precision, "channels_last": channels_last, "processes": procs,
-               "threads": 2 // procs, "images_per_s": sum(rates)}
+    for (precision, channels_last, procs, size), rates in rates_of.items():
+        row = {"arch": arch, "batch": global_batch, "size": size, "precision": precision,
+               "channels_last": channels_last, "processes": procs, "threads": 2 // procs,
+               "images_per_s": statistics.median(rates), "each": [round(r, 1) for r in rates]}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -158,10 +167,16 @@ def main() -> int:
     p.add_argument("--stop-by", type=float, help="UNIX time: skip runs that would not finish by then (a shared machine's lock slot)")
     p.add_argument("--table", action="store_true", help="only print the table from --out")
     p.add_argument("--probe", action="store_true", help="measure step throughput per precision/format/layout and exit")
+    p.add_argument("--probe-arch", default="fast_cifar_net", help="--probe: the network (a jobs.models name)")
+    p.add_argument("--probe-batch", type=int, default=1024, help="--probe: global batch (split over the processes)")
+    p.add_argument("--probe-sizes", type=int, nargs="+", default=[32], help="--probe: image sizes in px")
+    p.add_argument("--probe-precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                   help="--probe: precisions (bf16 is emulated, and slow, on a CPU without native bf16)")
+    p.add_argument("--probe-repeats", type=int, default=1, help="--probe: passes over the cells (medians kept)")
     args = p.parse_args()
     out = Path(args.out)
     if args.probe:
-        rows = probe()
+        rows = probe(args.probe_batch, args.probe_arch, args.probe_precisions, args.probe_sizes, args.probe_repeats)
         out.parent.mkdir(parents=True, exist_ok=True)
         best = max(rows, key=lambda r: r["images_per_s"])
         out.write_text(json.dumps({"rows": rows, "best": best}, indent=2) + "\n")

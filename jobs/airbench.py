@@ -2,9 +2,9 @@
 
 Pure functions and one small class; `jobs.augment.build_setup` hands them to the loop (`jobs.loop`):
 the schedule (`warmup_decay`), Nesterov SGD with a faster lr for the BatchNorm shifts
-(`sgd_param_groups`), lookahead weight averaging (`Lookahead`) and flip test-time augmentation
-(`flip_tta`). The network and its whitening initialisation live in `jobs.models`, the flips and
-translations in `jobs.transforms`.
+(`sgd_param_groups`), lookahead weight averaging (`Lookahead`) and test-time augmentation (`TTA`:
+flips, flips + 1-pixel translations). The network and its whitening initialisation live in
+`jobs.models`, the training flips and translations in `jobs.transforms`.
 """
 from __future__ import annotations
 
@@ -89,3 +89,23 @@ def flip_tta(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Test-time augmentation: the mean of the logits of x and of its mirror image.
     x: (B, C, H, W) -> (B, num_classes)."""
     return 0.5 * (model(x) + model(x.flip(-1)))
+
+
+def flip_translate_tta(model: nn.Module, x: torch.Tensor, shift: int = 1) -> torch.Tensor:
+    """Heavier test-time augmentation: half `flip_tta(x)`, half the mean of `flip_tta` on x moved
+    `shift` pixels up-left and down-right (edges filled by reflection): 6 forwards per image.
+    x: (B, C, H, W) -> (B, num_classes)."""
+    H, W = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (shift,) * 4, mode="reflect")
+    moved = [padded[..., :H, :W], padded[..., 2 * shift:, 2 * shift:]]
+    return 0.5 * flip_tta(model, x) + 0.25 * sum(flip_tta(model, m.contiguous(memory_format=_layout(x)))
+                                                 for m in moved)
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+
+
+TTA = {"none": lambda model, x: model(x), "flip": flip_tta, "flip-translate": flip_translate_tta}
+"""Test-time augmentations by name (`--tta`): model, x (B, C, H, W) -> logits (B, num_classes)."""

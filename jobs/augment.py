@@ -20,7 +20,7 @@ from jobs.budget import BudgetOptions
 from jobs.config import RunOptions, build_parser, option
 from jobs.data import RankShards, load_image_data
 from jobs.sources import FileSource
-from jobs.airbench import Lookahead, sgd_param_groups, warmup_decay
+from jobs.airbench import TTA, Lookahead, sgd_param_groups, warmup_decay
 from jobs.loop import Classification, TrainSetup, constant
 from jobs.models import MODELS, build_model, init_whitening_
 from jobs.precision import PRECISIONS, autocast_dtype
@@ -102,7 +102,7 @@ class Config(BudgetOptions, stream.DataOptions, RunOptions):
                                   choices=("constant", "warmup-decay"), default_text=recipe_default("schedule"))
     warmup: float = option(0.23, "warm-up fraction of warmup-decay", min=0, max=1)
     lookahead: bool | None = option(None, "lookahead weight averaging", default_text=recipe_default("lookahead"))
-    tta: str | None = option(None, "test-time augmentation at evaluation", choices=("none", "flip"),
+    tta: str | None = option(None, "test-time augmentation at evaluation", choices=tuple(TTA),
                              default_text=recipe_default("tta"))
     whiten: bool | None = option(None, "initialise the first layer to whiten 2x2 patches (fast_cifar_net only)",
                                  default_text=recipe_default("whiten"))

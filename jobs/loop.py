@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from jobs import precision
-from jobs.airbench import Lookahead, flip_tta
+from jobs.airbench import TTA, Lookahead
 from jobs.budget import StepPlan
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -47,13 +47,14 @@ class Task(Protocol):
 
 class Classification:
     """The default task: cross-entropy (with label smoothing) on the model's logits, reported as
-    loss and accuracy. tta="flip" evaluates the mean logits of each image and its mirror image."""
+    loss and accuracy. tta="flip" evaluates the mean logits of each image and its mirror image,
+    "flip-translate" adds those of the image moved one pixel both ways (`jobs.airbench.TTA`)."""
 
     metrics = ("acc",)  # reported as train_acc / test_acc
 
     def __init__(self, label_smoothing: float = 0.0, tta: str = "none"):
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.tta = tta
+        self.tta = TTA[tta]
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x (B, C, H, W), labels y (B,) -> (mean loss, {"acc": correct predictions, a SUM over the batch})."""
@@ -62,7 +63,7 @@ class Classification:
 
     def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """As `loss`, with the test-time augmentation."""
-        logits = flip_tta(model, x) if self.tta == "flip" else model(x)
+        logits = self.tta(model, x)
         return self.criterion(logits.float(), y), {"acc": (logits.argmax(1) == y).sum()}
 
     def after_epoch(self, model: nn.Module, epoch: int) -> None:

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from jobs import driver
 from jobs.augment import Config, build_setup
 from jobs.transforms import alternating_flip, flip_bits, random_translate
-from jobs.airbench import Lookahead, flip_tta, sgd_param_groups, warmup_decay
-from jobs.models import FastCifarNet, build_model, init_whitening_
+from jobs.airbench import TTA, Lookahead, flip_tta, sgd_param_groups, warmup_decay
+from jobs.models import FastCifarNet, build_model, fast_cifar_net_small, init_whitening_
 
 FAST_TINY = dict(recipe="fast", data="synthetic:1024", image_size=16, batch_size=128, num_workers=2)
 
@@ -103,6 +103,31 @@ def test_schedule_param_groups_lookahead_tta():
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(flip_tta(a.eval(), x), 0.5 * (a(x) + a(x.flip(-1))))
+
+
+def test_flip_translate_tta_averages_six_views_and_keeps_the_layout():
+    """Half the flip TTA of the image, a quarter each of the flip TTA of the image moved one pixel
+    up-left and down-right (reflected edges); channels_last inputs give channels_last views."""
+    torch.manual_seed(0)
+    model = fast_cifar_net_small(10).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(3, 3, 32, 32)
+    # moved up-left: pixel (i, j) of the view is pixel (i - 1, j - 1) of x, reflected at the edge
+    rows = [1] + list(range(0, 31))
+    up_left = x[:, :, rows][:, :, :, rows]
+    down_right = x[:, :, list(range(1, 32)) + [30]][:, :, :, list(range(1, 32)) + [30]]
+    seen = []
+
+    def spy(m, inp):
+        seen.append(inp[0].is_contiguous(memory_format=torch.channels_last))
+
+    model.register_forward_pre_hook(spy)
+    with torch.no_grad():
+        got = TTA["flip-translate"](model, x.contiguous(memory_format=torch.channels_last))
+        seen_views = list(seen)
+        want = 0.5 * flip_tta(model, x) + 0.25 * (flip_tta(model, up_left) + flip_tta(model, down_right))
+        torch.testing.assert_close(TTA["none"](model, x), model(x))
+    torch.testing.assert_close(got, want)
+    assert len(seen_views) == 6 and all(seen_views)
 
 
 def test_fast_recipe_picks_its_network_from_where_it_trains(monkeypatch):
