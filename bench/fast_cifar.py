@@ -53,6 +53,12 @@ CONFIGS = {
                  {"recipe": "fast", "arch": "fast_cifar_net", "batch_size": 1024}),
     "small-net-256": ("half-width net (32/64/64), batch 256", {"recipe": "fast", "arch": "fast_cifar_net_small", "batch_size": 256}),
     "small-net": ("half-width net (32/64/64)", {"recipe": "fast", "arch": "fast_cifar_net_small"}),
+    "small-net-512-lowres24": ("half-width net, batch 512, the first half of the steps at 24 px (progressive resizing)",
+                               {"recipe": "fast", "arch": "fast_cifar_net_small", "batch_size": 512,
+                                "low_res_size": 24, "low_res_until": 0.5}),
+    "small-net-512-lowres24-75": ("half-width net, batch 512, the first 75% of the steps at 24 px",
+                                  {"recipe": "fast", "arch": "fast_cifar_net_small", "batch_size": 512,
+                                   "low_res_size": 24, "low_res_until": 0.75}),
     "wide-net": ("airbench94's wider net (64/256/256) instead of 64/128/128", {"recipe": "fast", "arch": "fast_cifar_net_wide"}),
 }
 

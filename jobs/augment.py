@@ -114,6 +114,10 @@ class Config(BudgetOptions, stream.DataOptions, RunOptions):
                                    choices=PRECISIONS, default_text=recipe_default("precision"))
     channels_last: bool | None = option(None, "channels_last tensors on CPU too (always on GPU)",
                                         default_text=recipe_default("channels_last"))
+    low_res_size: int = option(0, "progressive resizing: train the first --low-res-until of the run on images "
+                               "downscaled to this side (px), then at full size; 0 = off", min=0)
+    low_res_until: float = option(0.5, "progressive resizing: the fraction of the run's planned steps trained at "
+                                  "--low-res-size", min=0, max=1)
     eval_every: int = option(1, "evaluate on the test set every N epochs; 0: only after the last", min=0)
     name: str = option("", "run name; re-running with the same name resumes it",
                        default_text="augment[-fast]-<data>-<aug>")
@@ -200,6 +204,7 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> Tra
         schedule=(lambda p: warmup_decay(p, cfg.warmup)) if cfg.schedule == "warmup-decay" else constant,
         averager=Lookahead() if cfg.lookahead else None,
         stats=getattr(shards, "stats", None), close=getattr(shards, "close", None),
+        train_size=(lambda p: cfg.low_res_size if p < cfg.low_res_until else None) if cfg.low_res_size else None,
         meta={"classes": classes, "arch": cfg.arch, "image_size": list(image_size),
               "preset": preset.to_dict()},
     )
@@ -236,6 +241,10 @@ def validate(cfg: Config) -> None:
         n_train, n_test = len(data.train_x), len(data.test_x)
     else:
         n_train, n_test = len(index.train), len(index.test)
+    side = min(data.image_size if cfg.data_mode == "resident" else size or (32, 32))
+    if cfg.low_res_size and not 16 <= cfg.low_res_size < side:
+        raise UserError(f"--low-res-size {cfg.low_res_size} must be at least 16 and below the training images' "
+                        f"side ({side} px)")
     if n_train < cfg.num_workers or n_test < 1:
         raise UserError(f"dataset {cfg.data} is too small ({n_train} train, {n_test} test images)")
 

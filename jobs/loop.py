@@ -25,6 +25,7 @@ from torch import nn
 from jobs import precision
 from jobs.airbench import TTA, Lookahead
 from jobs.budget import StepPlan
+from jobs.transforms import resize_square
 
 CHECKPOINT_FILE = "checkpoint.pt"
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -86,6 +87,8 @@ class TrainSetup:
     progress in [0, 1] over the planned steps to the lr multiplier of every parameter group;
     `averager` (`Lookahead`) averages weights after every step. `meta` goes into every checkpoint.
     `stats()` (optional) returns counts since its last call, the same keys on every rank.
+    `train_size(progress)` (optional) is the side length the prepared training batch is resized to
+    (progressive resizing: low resolution early); None keeps it as prepared.
     """
 
     model: nn.Module
@@ -100,6 +103,7 @@ class TrainSetup:
     meta: dict[str, Any] = field(default_factory=dict)
     stats: Callable[[], dict[str, float]] | None = None  # per-epoch counts from the data (bad files), summed over ranks
     close: Callable[[], None] | None = None  # at the end of the run: release the data (stream mode's passes started ahead)
+    train_size: Callable[[float], int | None] | None = None  # progressive resizing: training side length at progress p
 
 
 class Amp:
@@ -217,6 +221,8 @@ def train_one_epoch(model: nn.Module, setup: TrainSetup, epoch: int, steps: Step
         for group, lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = lr * setup.schedule(steps.progress(step))
         x = setup.prepare(images, True, generator)
+        if setup.train_size is not None:
+            x = resize_square(x, setup.train_size(steps.progress(step)))
         with amp.autocast():
             loss, batch = task.loss(model, x, labels)
         amp.step(loss, optimizer)

@@ -5,11 +5,13 @@ import time
 
 import pytest
 import ray
+import ray.train
 import torch
 import torch.nn.functional as F
 
 from jobs import driver
 from jobs.augment import Config, build_setup
+from jobs.cli import UserError
 from jobs.transforms import alternating_flip, flip_bits, random_translate
 from jobs.airbench import TTA, Lookahead, flip_tta, sgd_param_groups, warmup_decay
 from jobs.models import FastCifarNet, build_model, fast_cifar_net_small, init_whitening_
@@ -199,3 +201,38 @@ def test_time_budget_stops_on_time_and_learns(local_ray, tmp_path):
     # re-running the finished budgeted run returns its result without training again
     again = driver.fit("jobs.augment", cfg)
     assert again["history"] == summary["history"]
+
+
+def test_progressive_resizing_trains_the_first_part_at_low_resolution(tmp_path, monkeypatch):
+    """--low-res-size 16 --low-res-until 0.5: the first half of the planned steps see 16 px batches,
+    the rest (and evaluation) the images' own 32 px; a size the images cannot be shrunk to is one line."""
+    from jobs import augment, loop
+
+    class Session:
+        Checkpoint = ray.train.Checkpoint
+
+        def get_checkpoint(self):
+            return None
+
+        def report(self, metrics, checkpoint=None):
+            pass
+
+    sizes = []
+    resize = loop.resize_square
+    monkeypatch.setattr(loop, "resize_square", lambda x, size: sizes.append(size) or resize(x, size))
+    cfg = Config(**{**FAST_TINY, "image_size": 32, "num_workers": 1}, epochs=2, low_res_size=16, low_res_until=0.5,
+                 storage_path=str(tmp_path), name="lowres")
+    threads = torch.get_num_threads()
+    try:
+        history = loop.train(cfg, augment, Session(), rank=0, world=1, device=torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert sizes == [16] * 8 + [None] * 8  # 1024 images / 128 per step, 2 epochs: progress 0..7/16 at 16 px
+    assert history[-1]["test_acc"] is not None
+    x = torch.rand(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    small = loop.resize_square(x, 16)
+    assert small.shape == (2, 3, 16, 16) and small.is_contiguous(memory_format=torch.channels_last)
+    assert loop.resize_square(x, None) is x and loop.resize_square(x, 32) is x
+    from jobs.augment import validate
+    with pytest.raises(UserError, match="--low-res-size 32 must be at least 16 and below the training images' side"):
+        validate(Config(**{**FAST_TINY, "image_size": 32}, low_res_size=32, data_root=str(tmp_path)))
