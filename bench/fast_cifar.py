@@ -48,7 +48,8 @@ CONFIGS = {
     "no-normalize": ("inputs in [0, 1], not standardised", {"recipe": "fast", "normalize": False}),
     "fp32": ("fp32 instead of bf16 autocast (on a CPU with native bf16)", {"recipe": "fast", "precision": "fp32"}),
     "no-channels-last": ("NCHW tensors instead of channels_last", {"recipe": "fast", "channels_last": False}),
-    "small-net-512": ("half-width net (32/64/64), batch 512", {"recipe": "fast", "arch": "fast_cifar_net_small", "batch_size": 512}),
+    "small-net-512": ("half-width net (32/64/64), batch 512, no progressive resizing",
+                      {"recipe": "fast", "arch": "fast_cifar_net_small", "batch_size": 512, "low_res_size": 0}),
     "full-net": ("fast_cifar_net (64/128/128), batch 1024: the fast recipe before it chose by precision",
                  {"recipe": "fast", "arch": "fast_cifar_net", "batch_size": 1024}),
     "small-net-256": ("half-width net (32/64/64), batch 256", {"recipe": "fast", "arch": "fast_cifar_net_small", "batch_size": 256}),
@@ -170,6 +171,8 @@ def main() -> int:
     p.add_argument("--storage-path", default="/tmp/raycv-bench-fast", help="run directories (default /tmp/raycv-bench-fast)")
     p.add_argument("--out", default="bench/results/fast_cifar.jsonl", help="results, one JSON line per run")
     p.add_argument("--precision", choices=["auto", "fast", "bf16", "fp32"], help="autocast of the fast configurations (default: the recipe's, i.e. fast: bf16 on a CPU with native bfloat16)")
+    p.add_argument("--first-seed", type=int, default=0, help="seed of each configuration's first run (the "
+                   "next runs of the same configuration count up from it)")
     p.add_argument("--stop-by", type=float, help="UNIX time: skip runs that would not finish by then (a shared machine's lock slot)")
     p.add_argument("--table", action="store_true", help="only print the table from --out")
     p.add_argument("--probe", action="store_true", help="measure step throughput per precision/format/layout and exit")
@@ -204,7 +207,7 @@ def main() -> int:
             print(f"skipping {name}: it would not finish before --stop-by", flush=True)
             continue
         seen[name] = seen.get(name, 0) + 1
-        row = run_one(name, args, seen[name] - 1)
+        row = run_one(name, args, args.first_seed + seen[name] - 1)
         print(json.dumps(row), flush=True)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -202,7 +202,7 @@ def phase_steps(args, content, style, features) -> dict:
         runs["reference"].append(r)
         print(f"reference: {per_step(r['records']):.3f} s/step", flush=True)
         for name, kw in VARIANTS.items():
-            if args.quick and name == "fp32 NCHW":
+            if (args.quick and name == "fp32 NCHW") or name not in args.variants:
                 continue
             cfg = S.StyleConfig(size=list(args.size), steps=args.steps, weights="random", **kw)
             o = run_ours(cfg, content, style, features)
@@ -326,6 +326,9 @@ def main() -> None:
                    help="run each L-BFGS curve for this fraction of 500 reference steps' time")
     p.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported")
     p.add_argument("--quick", action="store_true", help="steps phase: skip the fp32 NCHW variant")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="steps phase: jobs.style variants to time against the reference (leave out bf16 where "
+                   "it is emulated: ~30x slower on a CPU without native bf16)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for both sides")
     p.add_argument("--seed", type=int, default=0, help="seed of the random VGG weights")
     p.add_argument("--out", default="bench/results/style_bench.json", help="results JSON (merged)")

@@ -116,8 +116,10 @@ class Config(BudgetOptions, stream.DataOptions, RunOptions):
                                         default_text=recipe_default("channels_last"))
     low_res_size: int = option(0, "progressive resizing: train the first --low-res-until of the run on images "
                                "downscaled to this side (px), then at full size; 0 = off", min=0)
-    low_res_until: float = option(0.5, "progressive resizing: the fraction of the run's planned steps trained at "
-                                  "--low-res-size", min=0, max=1)
+    low_res_until: float = option(0.5, "progressive resizing: the fraction of the run's progress trained at "
+                                  "--low-res-size (with --time-budget the plan is first made from the faster "
+                                  "low-resolution steps, so a larger share of the steps ends up at low resolution)",
+                                  min=0, max=1)
     eval_every: int = option(1, "evaluate on the test set every N epochs; 0: only after the last", min=0)
     name: str = option("", "run name; re-running with the same name resumes it",
                        default_text="augment[-fast]-<data>-<aug>")
