@@ -203,6 +203,7 @@ def test_time_budget_stops_on_time_and_learns(local_ray, tmp_path):
     assert again["history"] == summary["history"]
 
 
+@pytest.mark.slow  # trains 16 steps (~12 s)
 def test_progressive_resizing_trains_the_first_part_at_low_resolution(tmp_path, monkeypatch):
     """--low-res-size 16 --low-res-until 0.5: the first half of the planned steps see 16 px batches,
     the rest (and evaluation) the images' own 32 px; a size the images cannot be shrunk to is one line."""
