@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from jobs.transforms import memory_format_of
+
 
 def warmup_decay(progress: float, warmup: float = 0.23, start: float = 0.2, end: float = 0.07) -> float:
     """lr multiplier at `progress` in [0, 1] of the run: linear start -> 1 over the first `warmup`
@@ -98,13 +100,8 @@ def flip_translate_tta(model: nn.Module, x: torch.Tensor, shift: int = 1) -> tor
     H, W = x.shape[-2:]
     padded = torch.nn.functional.pad(x, (shift,) * 4, mode="reflect")
     moved = [padded[..., :H, :W], padded[..., 2 * shift:, 2 * shift:]]
-    return 0.5 * flip_tta(model, x) + 0.25 * sum(flip_tta(model, m.contiguous(memory_format=_layout(x)))
-                                                 for m in moved)
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        else torch.contiguous_format
+    layout = memory_format_of(x)
+    return 0.5 * flip_tta(model, x) + 0.25 * sum(flip_tta(model, m.contiguous(memory_format=layout)) for m in moved)
 
 
 TTA = {"none": lambda model, x: model(x), "flip": flip_tta, "flip-translate": flip_translate_tta}

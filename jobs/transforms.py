@@ -96,14 +96,19 @@ def random_resized_crop(x: torch.Tensor, g: torch.Generator, size: tuple[int, in
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor laid out so, else contiguous: what a derived batch should keep."""
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+
+
 def resize_square(x: torch.Tensor, size: int | None) -> torch.Tensor:
     """Resize a float batch to size x size (bilinear, antialiased when shrinking), keeping its memory
     format; None or its own size returns x. x: (B, C, H, W) -> (B, C, size, size)."""
     if size is None or tuple(x.shape[-2:]) == (size, size):
         return x
-    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     out = F.interpolate(x, size=(size, size), mode="bilinear", antialias=size < min(x.shape[-2:]), align_corners=False)
-    return out.contiguous(memory_format=layout)
+    return out.contiguous(memory_format=memory_format_of(x))
 
 
 def random_translate(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:

@@ -5,7 +5,6 @@ import time
 
 import pytest
 import ray
-import ray.train
 import torch
 import torch.nn.functional as F
 
@@ -208,15 +207,7 @@ def test_progressive_resizing_trains_the_first_part_at_low_resolution(tmp_path, 
     """--low-res-size 16 --low-res-until 0.5: the first half of the planned steps see 16 px batches,
     the rest (and evaluation) the images' own 32 px; a size the images cannot be shrunk to is one line."""
     from jobs import augment, loop
-
-    class Session:
-        Checkpoint = ray.train.Checkpoint
-
-        def get_checkpoint(self):
-            return None
-
-        def report(self, metrics, checkpoint=None):
-            pass
+    from test_train import FakeSession
 
     sizes = []
     resize = loop.resize_square
@@ -225,7 +216,7 @@ def test_progressive_resizing_trains_the_first_part_at_low_resolution(tmp_path, 
                  storage_path=str(tmp_path), name="lowres")
     threads = torch.get_num_threads()
     try:
-        history = loop.train(cfg, augment, Session(), rank=0, world=1, device=torch.device("cpu"))
+        history = loop.train(cfg, augment, FakeSession(tmp_path), rank=0, world=1, device=torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
     assert sizes == [16] * 8 + [None] * 8  # 1024 images / 128 per step, 2 epochs: progress 0..7/16 at 16 px
