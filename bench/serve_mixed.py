@@ -158,7 +158,7 @@ def main(argv=None) -> int:
             pairs.append({"classify_only": only, "mixed": mixed, "p99_ratio": c["p99_ms"] / only["p99_ms"],
                           "unexpected": unexpected(only, mixed)})
         ray.shutdown()
-    med = lambda xs: statistics.median(xs)  # noqa: E731
+    med = statistics.median
     p99_only = med([x["classify_only"]["p99_ms"] for x in pairs])
     p99_mixed = med([x["mixed"]["classify"]["p99_ms"] for x in pairs])
     fives = {f"{i}:{k}": v for i, x in enumerate(pairs) for k, v in x["unexpected"].items()}
