@@ -36,7 +36,9 @@ CONFIGS = {
     "fast": ("fast recipe, all techniques", {"recipe": "fast"}),
     "no-whiten": ("first layer trained from random init instead of patch whitening", {"recipe": "fast", "whiten": False}),
     "no-lookahead": ("no lookahead weight averaging", {"recipe": "fast", "lookahead": False}),
-    "no-tta": ("no flip test-time augmentation", {"recipe": "fast", "tta": "none"}),
+    "no-tta": ("no test-time augmentation", {"recipe": "fast", "tta": "none", "final_tta": "none"}),
+    "final-flip": ("flip instead of flip-translate test-time augmentation in the last evaluation",
+                   {"recipe": "fast", "final_tta": "flip"}),
     "no-label-smoothing": ("label smoothing 0 instead of 0.2", {"recipe": "fast", "label_smoothing": 0.0}),
     "random-flip": ("random flips instead of alternating ones", {"recipe": "fast", "aug": "flip,translate"}),
     "no-translate": ("no random 2-pixel translations", {"recipe": "fast", "aug": "altflip"}),
@@ -60,6 +62,12 @@ CONFIGS = {
     "small-net-512-lowres24-75": ("half-width net, batch 512, the first 75% of the steps at 24 px",
                                   {"recipe": "fast", "arch": "fast_cifar_net_small", "batch_size": 512,
                                    "low_res_size": 24, "low_res_until": 0.75}),
+    "small-net-512-muon": ("half-width net, batch 512, Muon for the convolution filters (lr 0.24, momentum 0.6)",
+                           {"recipe": "fast", "arch": "fast_cifar_net_small", "batch_size": 512, "low_res_size": 0,
+                            "optimizer": "muon"}),
+    "small-net-512-muon-lr12": ("half-width net, batch 512, Muon for the convolution filters at half the lr (0.12)",
+                                {"recipe": "fast", "arch": "fast_cifar_net_small", "batch_size": 512,
+                                 "low_res_size": 0, "optimizer": "muon", "muon_lr": 0.12}),
     "wide-net": ("airbench94's wider net (64/256/256) instead of 64/128/128", {"recipe": "fast", "arch": "fast_cifar_net_wide"}),
 }
 

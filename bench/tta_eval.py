@@ -6,8 +6,9 @@ time, so it can be measured on runs already trained).
 
 Each RUN_DIR is a `jobs.augment` run (its `model/` artifact and `result.json`); the test set is the
 run's own `--data`, decoded through its `--data-root` cache. For every run and TTA it prints the
-accuracy over the whole test set and the evaluation's wall time; the "flip" column must equal the
-run's recorded test_acc when the run used --tta flip (a check that this evaluation is the loop's).
+accuracy over the whole test set and the evaluation's wall time; the column of the run's last
+evaluation (--final-tta; --tta in runs before it existed) must equal its recorded test_acc (a check
+that this evaluation is the loop's).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def main() -> int:
         model = model.to(memory_format=torch.channels_last)
         data = load_image_data(cfg["data"], cfg["data_root"], image_size=cfg.get("image_size"))
         row = {"run": str(run), "arch": cfg["arch"], "recorded_test_acc": result["test_acc"],
-               "recorded_tta": cfg["tta"], "acc": {}, "eval_s": {}}
+               "recorded_tta": cfg.get("final_tta", cfg["tta"]), "acc": {}, "eval_s": {}}
         for tta in args.tta:
             t0 = time.perf_counter()
             row["acc"][tta] = accuracy(model, data.test_x, data.test_y, preset, tta)

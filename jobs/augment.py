@@ -20,7 +20,7 @@ from jobs.budget import BudgetOptions
 from jobs.config import RunOptions, build_parser, option
 from jobs.data import RankShards, load_image_data
 from jobs.sources import FileSource
-from jobs.airbench import TTA, Lookahead, sgd_param_groups, warmup_decay
+from jobs.airbench import TTA, Lookahead, Muon, muon_param_groups, sgd_param_groups, warmup_decay
 from jobs.loop import Classification, TrainSetup, constant
 from jobs.models import MODELS, build_model, init_whitening_
 from jobs.precision import PRECISIONS, autocast_dtype
@@ -31,11 +31,11 @@ from jobs.presets import Preset
 # with the batch size; its weight decay 0.0153 per 1024 examples in the same units).
 RECIPES = {
     "reference": dict(aug="flip", arch="cifar_resnet18", epochs=10, batch_size=256, optimizer="adam", lr=1e-3,
-                      weight_decay=0.0, label_smoothing=0.0, schedule="constant", lookahead=False, tta="none",
+                      weight_decay=0.0, label_smoothing=0.0, schedule="constant", lookahead=False, tta="none", final_tta="none",
                       whiten=False, normalize=False, channels_last=False, precision="auto"),
     "fast": dict(aug="altflip,translate", arch=None, epochs=10, batch_size=None, optimizer="sgd",
                  lr=None, weight_decay=0.0153 / 11.5, label_smoothing=0.2, schedule="warmup-decay", lookahead=True,
-                 tta="flip", whiten=True, normalize=True, channels_last=True, precision="fast"),
+                 tta="flip", final_tta="flip-translate", whiten=True, normalize=True, channels_last=True, precision="fast"),
 }
 FAST_LR_PER_1024 = 11.5 / (1 + 1 / (1 - 0.85))  # = 1.5 for the mean loss of a 1024 batch
 FAST_ARCH_TEXT = "fast: fast_cifar_net on a GPU or in bf16, fast_cifar_net_small in fp32 on a CPU"
@@ -89,11 +89,14 @@ class Config(BudgetOptions, stream.DataOptions, RunOptions):
                                 default_text=recipe_default("epochs"))
     batch_size: int | None = option(None, "global batch size, split over workers", min=1,
                                     default_text=f"reference: {RECIPES['reference']['batch_size']}; {FAST_BATCH_TEXT}")
-    optimizer: str | None = option(None, "adam, or sgd with Nesterov momentum", choices=("adam", "sgd"),
-                                   default_text=recipe_default("optimizer"))
+    optimizer: str | None = option(None, "adam; sgd with Nesterov momentum; or muon: the convolution filters "
+                                   "by Muon (orthogonalised updates at --muon-lr), the rest by sgd",
+                                   choices=("adam", "sgd", "muon"), default_text=recipe_default("optimizer"))
     lr: float | None = option(None, "learning rate", above=0,
                               default_text=f"reference: 0.001; fast: {FAST_LR_PER_1024:.2f} x batch size / 1024")
     momentum: float = option(0.85, "SGD momentum", min=0, max=1)
+    muon_lr: float = option(0.24, "muon: lr of the convolution filters (the angle a step turns them by)", above=0)
+    muon_momentum: float = option(0.6, "muon: momentum of the convolution filters' updates", min=0, max=1)
     weight_decay: float | None = option(None, "weight decay", min=0, default_text=recipe_default("weight_decay"))
     bn_lr_scale: float = option(64.0, "SGD: lr multiplier of BatchNorm parameters", above=0)
     label_smoothing: float | None = option(None, "label smoothing of the cross-entropy", min=0, max=1,
@@ -102,8 +105,11 @@ class Config(BudgetOptions, stream.DataOptions, RunOptions):
                                   choices=("constant", "warmup-decay"), default_text=recipe_default("schedule"))
     warmup: float = option(0.23, "warm-up fraction of warmup-decay", min=0, max=1)
     lookahead: bool | None = option(None, "lookahead weight averaging", default_text=recipe_default("lookahead"))
-    tta: str | None = option(None, "test-time augmentation at evaluation", choices=tuple(TTA),
+    tta: str | None = option(None, "test-time augmentation of the per-epoch evaluations", choices=tuple(TTA),
                              default_text=recipe_default("tta"))
+    final_tta: str | None = option(None, "test-time augmentation of the last evaluation, whose accuracy the run "
+                                   "reports (outside the time budget; flip-translate: 6 forwards per image)",
+                                   choices=tuple(TTA), default_text=recipe_default("final_tta"))
     whiten: bool | None = option(None, "initialise the first layer to whiten 2x2 patches (fast_cifar_net only)",
                                  default_text=recipe_default("whiten"))
     normalize: bool | None = option(None, "standardise inputs with the training set's channel mean/std",
@@ -195,6 +201,9 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> Tra
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(sgd_param_groups(model, cfg.lr, cfg.weight_decay, cfg.bn_lr_scale),
                                     momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    elif cfg.optimizer == "muon":
+        optimizer = Muon(muon_param_groups(model, cfg.lr, cfg.muon_lr, cfg.weight_decay, cfg.bn_lr_scale),
+                         cfg.lr, cfg.momentum, cfg.muon_momentum)
     else:
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                      weight_decay=cfg.weight_decay)
@@ -202,7 +211,7 @@ def build_setup(cfg: Config, device: torch.device, rank: int, world: int) -> Tra
     return TrainSetup(
         model=model, optimizer=optimizer,
         train_batches=train_batches, test_batches=shards.test_batches, steps_per_epoch=shards.steps_per_epoch,
-        prepare=prepare, task=Classification(cfg.label_smoothing, cfg.tta),
+        prepare=prepare, task=Classification(cfg.label_smoothing, cfg.tta, cfg.final_tta),
         schedule=(lambda p: warmup_decay(p, cfg.warmup)) if cfg.schedule == "warmup-decay" else constant,
         averager=Lookahead() if cfg.lookahead else None,
         stats=getattr(shards, "stats", None), close=getattr(shards, "close", None),

@@ -141,7 +141,9 @@ class PerceptualTask:
         """x (B, 3, S, S) in [0, 1]; the labels are unused (content images have none)."""
         return perceptual_step(model, self.extractor, self.grams, self.scfg, x)
 
-    evaluate = loss
+    def evaluate(self, model, x: torch.Tensor, labels: torch.Tensor, final: bool = False):
+        """The training loss, on test images (the same for the last evaluation)."""
+        return self.loss(model, x, labels)
 
     def after_epoch(self, model, epoch: int) -> None:
         write_preview(model, self.preview, self.preview_dir / f"epoch-{epoch + 1:03d}.png")

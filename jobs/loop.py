@@ -39,8 +39,10 @@ class Task(Protocol):
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(mean loss, {metric: SUM over the batch's examples}) for prepared inputs x and labels y."""
 
-    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """As `loss`, for the test set (no grad; e.g. with test-time augmentation)."""
+    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, final: bool = False,
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """As `loss`, for the test set (no grad; e.g. with test-time augmentation). `final`: the run's
+        last evaluation, the one its result reports (a task may spend more on it)."""
 
     def after_epoch(self, model: nn.Module, epoch: int) -> None:
         """On rank 0 after each epoch's evaluation, with the unwrapped model: a per-epoch by-product."""
@@ -49,22 +51,24 @@ class Task(Protocol):
 class Classification:
     """The default task: cross-entropy (with label smoothing) on the model's logits, reported as
     loss and accuracy. tta="flip" evaluates the mean logits of each image and its mirror image,
-    "flip-translate" adds those of the image moved one pixel both ways (`jobs.airbench.TTA`)."""
+    "flip-translate" adds those of the image moved one pixel both ways (`jobs.airbench.TTA`);
+    `final_tta` (default: `tta`) is the one of the run's last evaluation, whose accuracy is reported."""
 
     metrics = ("acc",)  # reported as train_acc / test_acc
 
-    def __init__(self, label_smoothing: float = 0.0, tta: str = "none"):
+    def __init__(self, label_smoothing: float = 0.0, tta: str = "none", final_tta: str | None = None):
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.tta = TTA[tta]
+        self.tta, self.final_tta = TTA[tta], TTA[final_tta or tta]
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x (B, C, H, W), labels y (B,) -> (mean loss, {"acc": correct predictions, a SUM over the batch})."""
         logits = model(x)  # (B, classes)
         return self.criterion(logits, y), {"acc": (logits.argmax(1) == y).sum()}
 
-    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """As `loss`, with the test-time augmentation."""
-        logits = self.tta(model, x)
+    def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, final: bool = False,
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """As `loss`, with the test-time augmentation (the final one for the last evaluation)."""
+        logits = (self.final_tta if final else self.tta)(model, x)
         return self.criterion(logits.float(), y), {"acc": (logits.argmax(1) == y).sum()}
 
     def after_epoch(self, model: nn.Module, epoch: int) -> None:
@@ -181,7 +185,7 @@ def train(cfg, job, session, rank: int, world: int, device: torch.device) -> lis
             setup.averager.finish(setup.model)  # the averaged weights are evaluated and saved
         test_sums = None  # not evaluated this epoch
         if last or (eval_every and (epoch + 1) % eval_every == 0):
-            test_sums = all_reduce_sums(evaluate(setup, amp), device)
+            test_sums = all_reduce_sums(evaluate(setup, amp, final=last), device)
         metrics = {"epoch": epoch + 1, **epoch_means("train", train_sums, setup.task.metrics),
                    **epoch_means("test", test_sums, setup.task.metrics),
                    "examples_per_sec": train_sums["count"] / train_time, "epoch_time_s": time.perf_counter() - t0,
@@ -238,15 +242,15 @@ def train_one_epoch(model: nn.Module, setup: TrainSetup, epoch: int, steps: Step
 
 
 @torch.no_grad()
-def evaluate(setup: TrainSetup, amp: Amp) -> dict[str, Any]:
+def evaluate(setup: TrainSetup, amp: Amp, final: bool = False) -> dict[str, Any]:
     """Sums of the task's evaluation ("loss", metrics, "count") over this rank's test shard, with the
-    unwrapped model (no DDP collectives)."""
+    unwrapped model (no DDP collectives). `final`: the run's last evaluation (`Task.evaluate`)."""
     setup.model.eval()
     sums = dict.fromkeys(("loss", *setup.task.metrics, "count"), 0)
     for images, labels in setup.test_batches():
         x = setup.prepare(images, False, None)
         with amp.autocast():
-            loss, batch = setup.task.evaluate(setup.model, x, labels)
+            loss, batch = setup.task.evaluate(setup.model, x, labels, final)
         add_sums(sums, {"loss": loss.float() * len(labels), **batch, "count": len(labels)})
     return sums
 

@@ -12,7 +12,7 @@ from jobs import driver
 from jobs.augment import Config, build_setup
 from jobs.cli import UserError
 from jobs.transforms import alternating_flip, flip_bits, random_translate
-from jobs.airbench import TTA, Lookahead, flip_tta, sgd_param_groups, warmup_decay
+from jobs.airbench import TTA, Lookahead, Muon, flip_tta, muon_param_groups, orthogonalize, sgd_param_groups, warmup_decay
 from jobs.models import FastCifarNet, build_model, fast_cifar_net_small, init_whitening_
 
 FAST_TINY = dict(recipe="fast", data="synthetic:1024", image_size=16, batch_size=128, num_workers=2)
@@ -131,6 +131,61 @@ def test_flip_translate_tta_averages_six_views_and_keeps_the_layout():
     assert len(seen_views) == 6 and all(seen_views)
 
 
+def test_orthogonalize_moves_every_singular_value_near_one():
+    """Wide and tall matrices: singular values spread over a decade (the smallest ~1/40 of the
+    Frobenius norm) in, all within 0.6-1.25 out, with the input's singular vectors."""
+    torch.manual_seed(0)
+    for m, n in [(64, 576), (576, 64), (32, 216)]:
+        u, _ = torch.linalg.qr(torch.randn(max(m, n), min(m, n)))
+        v, _ = torch.linalg.qr(torch.randn(min(m, n), min(m, n)))
+        g = u @ torch.diag(torch.logspace(-1, 0, min(m, n))) @ v.T
+        g = g if m >= n else g.T
+        out = orthogonalize(g)
+        assert out.shape == (m, n)
+        s = torch.linalg.svdvals(out)
+        assert 0.6 < s.min() and s.max() < 1.25, (m, n, s.min(), s.max())
+        # the same singular vectors: out ~ U Vᵀ, so out aligns with U Vᵀ far better than g does
+        uv = (u @ v.T) if m >= n else (u @ v.T).T
+        assert F.cosine_similarity(out.flatten(), uv.flatten(), dim=0) > 0.95
+
+
+def test_muon_steps_filters_at_fixed_norm_and_the_rest_as_torch_sgd():
+    torch.manual_seed(0)
+    a = FastCifarNet(10, widths=(8, 16, 16))
+    a.whiten.weight.requires_grad_(False)
+    b = FastCifarNet(10, widths=(8, 16, 16))
+    b.load_state_dict(a.state_dict())
+    b.whiten.weight.requires_grad_(False)
+    groups = muon_param_groups(a, lr=0.1, muon_lr=0.2, weight_decay=1e-3, bn_lr_scale=64)
+    filters = [m.weight for m in a.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad]
+    assert [g.get("muon", False) for g in groups] == [False, False, True] and groups[-1]["params"] == filters
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in a.parameters())
+    muon = Muon(groups, lr=0.1, momentum=0.85)
+    sgd = torch.optim.SGD(sgd_param_groups(b, 0.1, 1e-3, 64), momentum=0.85, nesterov=True)
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+
+    def step(model, opt):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step(a, muon), step(b, sgd)  # from the same weights: the same gradients
+    # the SGD-stepped parameters move as torch's SGD (Nesterov, coupled weight decay) moves them
+    torch.testing.assert_close(a.head.weight, b.head.weight)
+    torch.testing.assert_close(a.blocks[0].norm1.bias, b.blocks[0].norm1.bias)
+    step(a, muon), step(a, muon)
+    for w, w0 in zip(filters, [m.weight for m in b.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad]):
+        assert not torch.allclose(w, w0)  # Muon moved them differently
+        # renormalised to sqrt(out) before each step, then moved by lr * (a near-orthogonal update)
+        assert abs(w.norm() - w.size(0) ** 0.5) < 0.2 * w.size(0) ** 0.5
+    # a checkpoint round trip continues identically
+    state = muon.state_dict()
+    again = Muon(muon_param_groups(a, 0.1, 0.2, 1e-3, 64), lr=0.1, momentum=0.85)
+    again.load_state_dict(state)
+    assert again.param_groups[-1]["muon"] and again.param_groups[-1]["muon_momentum"] == 0.6
+    assert torch.equal(again.state[filters[0]]["momentum_buffer"], muon.state[filters[0]]["momentum_buffer"])
+
+
 def test_fast_recipe_picks_its_network_from_where_it_trains(monkeypatch):
     """fp32 on a CPU: the half-width net (more epochs per budget); bf16 or a GPU: fast_cifar_net."""
     import jobs.precision
@@ -170,6 +225,12 @@ def test_fast_recipe_config_defaults_and_overrides():
         logits = flip_tta(setup.model, x)
     torch.testing.assert_close(loss, F.cross_entropy(logits, labels, label_smoothing=0.2))
     assert sums["acc"] == (logits.argmax(1) == labels).sum()
+    # the run's last evaluation (the reported accuracy) averages the six flip-translate views
+    with torch.no_grad():
+        loss, sums = setup.task.evaluate(setup.model, x, labels, final=True)
+        logits = TTA["flip-translate"](setup.model, x)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, labels, label_smoothing=0.2))
+    assert (Config().tta, Config().final_tta) == ("none", "none")
     assert not setup.model.whiten.weight.requires_grad
     x, y = next(iter(setup.train_batches(0)))
     prepared = setup.prepare(x, True, torch.Generator().manual_seed(0))
@@ -205,13 +266,17 @@ def test_time_budget_stops_on_time_and_learns(local_ray, tmp_path):
 @pytest.mark.slow  # trains 16 steps (~12 s)
 def test_progressive_resizing_trains_the_first_part_at_low_resolution(tmp_path, monkeypatch):
     """--low-res-size 16 --low-res-until 0.5: the first half of the planned steps see 16 px batches,
-    the rest (and evaluation) the images' own 32 px; a size the images cannot be shrunk to is one line."""
-    from jobs import augment, loop
+    the rest (and evaluation) the images' own 32 px; a size the images cannot be shrunk to is one line.
+    Epoch 1 is evaluated with --tta (flip), the last epoch with --final-tta (flip-translate)."""
+    from jobs import airbench, augment, loop
     from test_train import FakeSession
 
-    sizes = []
+    sizes, evaluated = [], []
     resize = loop.resize_square
     monkeypatch.setattr(loop, "resize_square", lambda x, size: sizes.append(size) or resize(x, size))
+    for name in ("flip", "flip-translate"):
+        tta = airbench.TTA[name]
+        monkeypatch.setitem(airbench.TTA, name, lambda model, x, name=name, tta=tta: evaluated.append(name) or tta(model, x))
     cfg = Config(**{**FAST_TINY, "image_size": 32, "num_workers": 1}, epochs=2, low_res_size=16, low_res_until=0.5,
                  storage_path=str(tmp_path), name="lowres")
     threads = torch.get_num_threads()
@@ -220,6 +285,7 @@ def test_progressive_resizing_trains_the_first_part_at_low_resolution(tmp_path, 
     finally:
         torch.set_num_threads(threads)
     assert sizes == [16] * 8 + [None] * 8  # 1024 images / 128 per step, 2 epochs: progress 0..7/16 at 16 px
+    assert evaluated == ["flip"] * 2 + ["flip-translate"] * 2  # 256 test images, 2 batches per evaluation
     assert history[-1]["test_acc"] is not None
     x = torch.rand(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     small = loop.resize_square(x, 16)
