@@ -33,30 +33,35 @@ RECIPES = {
     "reference": dict(aug="flip", arch="cifar_resnet18", epochs=10, batch_size=256, optimizer="adam", lr=1e-3,
                       weight_decay=0.0, label_smoothing=0.0, schedule="constant", lookahead=False, tta="none", final_tta="none",
                       whiten=False, normalize=False, channels_last=False, precision="auto"),
-    "fast": dict(aug="altflip,translate", arch=None, epochs=10, batch_size=None, optimizer="sgd",
+    "fast": dict(aug="altflip,translate", arch=None, epochs=10, batch_size=None, optimizer=None,
                  lr=None, weight_decay=0.0153 / 11.5, label_smoothing=0.2, schedule="warmup-decay", lookahead=True,
                  tta="flip", final_tta="flip-translate", whiten=True, normalize=True, channels_last=True, precision="fast"),
 }
 FAST_LR_PER_1024 = 11.5 / (1 + 1 / (1 - 0.85))  # = 1.5 for the mean loss of a 1024 batch
 FAST_ARCH_TEXT = "fast: fast_cifar_net on a GPU or in bf16, fast_cifar_net_small in fp32 on a CPU"
 FAST_BATCH_TEXT = "fast: 1024 on a GPU or in bf16, 512 in fp32 on a CPU"
+FAST_OPTIMIZER_TEXT = "fast: sgd on a GPU or in bf16, muon in fp32 on a CPU"
+FAST_CHOICES = ("arch", "batch_size", "optimizer")  # the fields fast_arch decides
 
 
-def fast_arch(precision: str, use_gpu: bool) -> tuple[str, int, str]:
-    """The fast recipe's (network, global batch size) for where it will train, and why (printed by
-    `validate`).
+def fast_arch(precision: str, use_gpu: bool) -> tuple[dict[str, object], str]:
+    """The fast recipe's network, global batch size and optimizer for where it will train
+    ({field: value} for FAST_CHOICES), and why (printed by `validate`).
 
     In fp32 on a CPU a 600 s budget buys fast_cifar_net only 1.5-3.4 epochs on 2-core AVX2 machines,
-    where the half-width net at batch 512 reached a higher accuracy (BENCHMARKS.md, "fp32 on AVX2");
-    on a GPU or with native bf16 the budget covers ~9 epochs of fast_cifar_net at batch 1024 (88.8%).
+    where the half-width net at batch 512 reached a higher accuracy, and Muon on its filters more
+    than SGD in the same time (BENCHMARKS.md, "fp32 on AVX2"); on a GPU or with native bf16 the
+    budget covers ~9 epochs of fast_cifar_net at batch 1024 with SGD (88.8%; Muon not measured there).
     Decided on the driver from its own CPU: a CPU cluster's workers are assumed to be of the
-    driver's kind (pass --arch and --batch-size to choose)."""
+    driver's kind (pass --arch, --batch-size and --optimizer to choose)."""
     if use_gpu:
-        return "fast_cifar_net", 1024, "training on GPUs"
+        return dict(arch="fast_cifar_net", batch_size=1024, optimizer="sgd"), "training on GPUs"
     if autocast_dtype(precision, "cpu", "train") is not None:
-        return "fast_cifar_net", 1024, f"--precision {precision} trains in bf16 on this CPU"
-    return "fast_cifar_net_small", 512, (f"--precision {precision} trains in fp32 on this CPU (no native bf16): "
-                                         "the half-width net's ~3x throughput buys more epochs")
+        return (dict(arch="fast_cifar_net", batch_size=1024, optimizer="sgd"),
+                f"--precision {precision} trains in bf16 on this CPU")
+    return (dict(arch="fast_cifar_net_small", batch_size=512, optimizer="muon"),
+            f"--precision {precision} trains in fp32 on this CPU (no native bf16): the half-width net's ~3x "
+            "throughput buys more epochs, and Muon learns more per epoch")
 
 
 def recipe_default(key: str) -> str:
@@ -91,11 +96,13 @@ class Config(BudgetOptions, stream.DataOptions, RunOptions):
                                     default_text=f"reference: {RECIPES['reference']['batch_size']}; {FAST_BATCH_TEXT}")
     optimizer: str | None = option(None, "adam; sgd with Nesterov momentum; or muon: the convolution filters "
                                    "by Muon (orthogonalised updates at --muon-lr), the rest by sgd",
-                                   choices=("adam", "sgd", "muon"), default_text=recipe_default("optimizer"))
+                                   choices=("adam", "sgd", "muon"),
+                                   default_text=f"reference: {RECIPES['reference']['optimizer']}; {FAST_OPTIMIZER_TEXT}")
     lr: float | None = option(None, "learning rate", above=0,
                               default_text=f"reference: 0.001; fast: {FAST_LR_PER_1024:.2f} x batch size / 1024")
     momentum: float = option(0.85, "SGD momentum", min=0, max=1)
-    muon_lr: float = option(0.24, "muon: lr of the convolution filters (the angle a step turns them by)", above=0)
+    muon_lr: float = option(0.12, "muon: lr of the convolution filters (about the angle a step turns them by; "
+                                  "airbench's 0.24 at batch 2000 trained less well at batch 512 here)", above=0)
     muon_momentum: float = option(0.6, "muon: momentum of the convolution filters' updates", min=0, max=1)
     weight_decay: float | None = option(None, "weight decay", min=0, default_text=recipe_default("weight_decay"))
     bn_lr_scale: float = option(64.0, "SGD: lr multiplier of BatchNorm parameters", above=0)
@@ -129,8 +136,8 @@ class Config(BudgetOptions, stream.DataOptions, RunOptions):
     eval_every: int = option(1, "evaluate on the test set every N epochs; 0: only after the last", min=0)
     name: str = option("", "run name; re-running with the same name resumes it",
                        default_text="augment[-fast]-<data>-<aug>")
-    arch_reason: str = option("", "why the fast recipe chose its network and batch size (when not given)",
-                              cli=False)
+    arch_reason: str = option("", "why the fast recipe chose its network, batch size and optimizer (those "
+                                  "not given)", cli=False)
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -138,11 +145,13 @@ class Config(BudgetOptions, stream.DataOptions, RunOptions):
         for key, value in RECIPES[self.recipe].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
-        if self.recipe == "fast" and (self.arch is None or self.batch_size is None):
-            arch, batch, reason = fast_arch(self.precision, self.use_gpu)  # depends on where it trains
-            chosen = [f for f in ("arch", "batch_size") if getattr(self, f) is None]
-            self.arch, self.batch_size = self.arch or arch, self.batch_size or batch
-            self.arch_reason = f"{' and '.join(chosen).replace('_', ' ')}: {reason}"
+        chosen = [f for f in FAST_CHOICES if getattr(self, f) is None] if self.recipe == "fast" else []
+        if chosen:
+            choice, reason = fast_arch(self.precision, self.use_gpu)  # depends on where it trains
+            for f in chosen:
+                setattr(self, f, choice[f])
+            names = [f.replace("_", " ") for f in chosen]
+            self.arch_reason = f"{', '.join(names[:-1])}{' and ' if len(names) > 1 else ''}{names[-1]}: {reason}"
         if self.lr is None:  # the fast recipe's SGD lr grows with the batch
             self.lr = FAST_LR_PER_1024 * self.batch_size / 1024
         if not self.name:
@@ -236,8 +245,8 @@ def validate(cfg: Config) -> None:
     fields, and the dataset itself (decoded and cached here, once)."""
     parse_aug_names(cfg.aug)
     if cfg.arch_reason:
-        print(f"model: {cfg.arch}, batch {cfg.batch_size} ({cfg.arch_reason}; --arch, --batch-size to choose)",
-              flush=True)
+        print(f"model: {cfg.arch}, batch {cfg.batch_size}, optimizer {cfg.optimizer} ({cfg.arch_reason}; --arch, "
+              "--batch-size, --optimizer to choose)", flush=True)
     if cfg.whiten and not cfg.arch.startswith("fast_cifar_net"):
         raise UserError(f"--whiten needs a fast_cifar_net* model, not {cfg.arch} (pass --no-whiten)")
     if cfg.batch_size < cfg.num_workers:

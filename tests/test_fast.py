@@ -187,22 +187,25 @@ def test_muon_steps_filters_at_fixed_norm_and_the_rest_as_torch_sgd():
 
 
 def test_fast_recipe_picks_its_network_from_where_it_trains(monkeypatch):
-    """fp32 on a CPU: the half-width net (more epochs per budget); bf16 or a GPU: fast_cifar_net."""
+    """fp32 on a CPU: the half-width net (more epochs per budget) with Muon; bf16 or a GPU:
+    fast_cifar_net with SGD. What the user gives is kept, and the reason names what was chosen."""
     import jobs.precision
-    small, full = ("fast_cifar_net_small", 512), ("fast_cifar_net", 1024)
+    small, full = ("fast_cifar_net_small", 512, "muon"), ("fast_cifar_net", 1024, "sgd")
     for native, precision, gpu, chosen in [(False, "fast", False, small), (False, "auto", False, small),
                                            (True, "fast", False, full), (True, "fp32", False, small),
                                            (False, "bf16", False, full), (False, "fast", True, full)]:
         monkeypatch.setattr(jobs.precision, "native_bf16_cpu", lambda: native)
         cfg = Config(recipe="fast", precision=precision, use_gpu=gpu)
-        assert (cfg.arch, cfg.batch_size) == chosen, (native, precision, gpu)
-        assert cfg.arch_reason.startswith("arch and batch size: ")  # printed by validate
+        assert (cfg.arch, cfg.batch_size, cfg.optimizer) == chosen, (native, precision, gpu)
+        assert cfg.arch_reason.startswith("arch, batch size and optimizer: ")  # printed by validate
         assert cfg.lr == pytest.approx(1.5 * chosen[1] / 1024)  # the lr follows the chosen batch
     monkeypatch.setattr(jobs.precision, "native_bf16_cpu", lambda: False)
     cfg = Config(recipe="fast", arch="fast_cifar_net_wide")  # the user's network, the recipe's batch
-    assert (cfg.arch, cfg.batch_size) == ("fast_cifar_net_wide", 512) and cfg.arch_reason.startswith("batch size: ")
-    assert Config(recipe="fast", arch="fast_cifar_net", batch_size=256).arch_reason == ""  # both given
-    assert Config().arch == "cifar_resnet18" and Config().arch_reason == ""
+    assert (cfg.arch, cfg.batch_size) == ("fast_cifar_net_wide", 512)
+    assert cfg.arch_reason.startswith("batch size and optimizer: ")
+    assert Config(recipe="fast", arch="fast_cifar_net", batch_size=256).arch_reason.startswith("optimizer: ")
+    assert Config(recipe="fast", arch="fast_cifar_net", batch_size=256, optimizer="sgd").arch_reason == ""
+    assert Config().arch == "cifar_resnet18" and Config().arch_reason == "" and Config().optimizer == "adam"
 
 
 def test_fast_recipe_config_defaults_and_overrides():
@@ -231,6 +234,9 @@ def test_fast_recipe_config_defaults_and_overrides():
         logits = TTA["flip-translate"](setup.model, x)
     torch.testing.assert_close(loss, F.cross_entropy(logits, labels, label_smoothing=0.2))
     assert (Config().tta, Config().final_tta) == ("none", "none")
+    muon = build_setup(Config(**{**FAST_TINY, "num_workers": 1}, optimizer="muon", muon_lr=0.1), torch.device("cpu"), 0, 1)
+    assert isinstance(muon.optimizer, Muon) and muon.optimizer.param_groups[-1]["muon"]
+    assert muon.optimizer.param_groups[-1]["lr"] == 0.1 and muon.optimizer.param_groups[0]["lr"] == pytest.approx(0.1875)
     assert not setup.model.whiten.weight.requires_grad
     x, y = next(iter(setup.train_batches(0)))
     prepared = setup.prepare(x, True, torch.Generator().manual_seed(0))
