@@ -203,6 +203,10 @@ def build_tuner(args, base, path: str, restore: bool, space: dict[str, Any] | No
     driver = f" + {args.driver_cpus:g} CPU for the trial driver" if base.num_workers > 1 else ""
     print(f"trials: {base.num_workers} worker(s) x {base.cpus_per_worker} CPU{' + 1 GPU' if base.use_gpu else ''}"
           f"{driver} each; up to {concurrency} at once", flush=True)
+    if getattr(base, "optimizer", None) == "muon":  # the fast recipe's choice in fp32 on a CPU
+        print(f"note: --optimizer muon: the searched lr is that of the SGD part (BatchNorm shifts, head); the "
+              f"convolution filters keep --muon-lr {base.muon_lr:g} (pass --optimizer sgd to search one lr for all)",
+              flush=True)
     scheduler = FIFOScheduler()
     if args.scheduler == "asha":
         # time is the epoch the loop reports (not Tune's iteration count, which restarts when a trial resumes)
