@@ -95,9 +95,13 @@ class Muon(torch.optim.Optimizer):
 
 def muon_param_groups(model: nn.Module, lr: float, muon_lr: float, weight_decay: float,
                       bn_lr_scale: float) -> list[dict]:
-    """`sgd_param_groups` for everything but the trainable convolution filters (4-D weights), which
-    get their own group at `muon_lr` with `muon=True` and no weight decay (`Muon` keeps their norm)."""
-    filters = [p for m in model.modules() if isinstance(m, nn.Conv2d) for p in [m.weight] if p.requires_grad]
+    """`sgd_param_groups` for everything but the trainable convolution filters, which get their own
+    group at `muon_lr` with `muon=True` and no weight decay (`Muon` keeps their norm). A whitening
+    layer (`model.whiten`, trainable with --no-whiten) stays on SGD: no BatchNorm follows it, so its
+    scale matters."""
+    whiten = getattr(model, "whiten", None)
+    filters = [m.weight for m in model.modules()
+               if isinstance(m, nn.Conv2d) and m is not whiten and m.weight.requires_grad]
     ids = {id(p) for p in filters}
     groups = [dict(g, params=[p for p in g["params"] if id(p) not in ids])
               for g in sgd_param_groups(model, lr, weight_decay, bn_lr_scale)]

@@ -178,6 +178,8 @@ def test_muon_steps_filters_at_fixed_norm_and_the_rest_as_torch_sgd():
         assert not torch.allclose(w, w0)  # Muon moved them differently
         # renormalised to sqrt(out) before each step, then moved by lr * (a near-orthogonal update)
         assert abs(w.norm() - w.size(0) ** 0.5) < 0.2 * w.size(0) ** 0.5
+    b.whiten.weight.requires_grad_(True)  # --no-whiten: trained, and on SGD (no BatchNorm after it)
+    assert any(p is b.whiten.weight for p in muon_param_groups(b, 0.1, 0.2, 1e-3, 64)[0]["params"])
     # a checkpoint round trip continues identically
     state = muon.state_dict()
     again = Muon(muon_param_groups(a, 0.1, 0.2, 1e-3, 64), lr=0.1, momentum=0.85)
