@@ -38,9 +38,6 @@ RECIPES = {
                  tta="flip", final_tta="flip-translate", whiten=True, normalize=True, channels_last=True, precision="fast"),
 }
 FAST_LR_PER_1024 = 11.5 / (1 + 1 / (1 - 0.85))  # = 1.5 for the mean loss of a 1024 batch
-FAST_ARCH_TEXT = "fast: fast_cifar_net on a GPU or in bf16, fast_cifar_net_small in fp32 on a CPU"
-FAST_BATCH_TEXT = "fast: 1024 on a GPU or in bf16, 512 in fp32 on a CPU"
-FAST_OPTIMIZER_TEXT = "fast: sgd on a GPU or in bf16, muon in fp32 on a CPU"
 FAST_CHOICES = ("arch", "batch_size", "optimizer")  # the fields fast_arch decides
 
 
@@ -62,6 +59,12 @@ def fast_arch(precision: str, use_gpu: bool) -> tuple[dict[str, object], str]:
     return (dict(arch="fast_cifar_net_small", batch_size=512, optimizer="muon"),
             f"--precision {precision} trains in fp32 on this CPU (no native bf16): the half-width net's ~3x "
             "throughput buys more epochs, and Muon learns more per epoch")
+
+
+def fast_choice_default(key: str) -> str:
+    """The printed default of a field `fast_arch` decides, read from `fast_arch` itself."""
+    gpu, cpu = fast_arch("fast", use_gpu=True)[0][key], fast_arch("fp32", use_gpu=False)[0][key]
+    return f"reference: {RECIPES['reference'][key]}; fast: {gpu} on a GPU or in bf16, {cpu} in fp32 on a CPU"
 
 
 def recipe_default(key: str) -> str:
@@ -89,15 +92,15 @@ class Config(BudgetOptions, stream.DataOptions, RunOptions):
                              "(2-pixel reflect-padded shifts), altflip (each image flipped in alternate epochs)",
                              default_text=recipe_default("aug"))
     arch: str | None = option(None, "model", choices=sorted(MODELS),
-                              default_text=f"reference: {RECIPES['reference']['arch']}; {FAST_ARCH_TEXT}")
+                              default_text=fast_choice_default("arch"))
     epochs: int | None = option(None, "epochs, unless --time-budget is given", min=1,
                                 default_text=recipe_default("epochs"))
     batch_size: int | None = option(None, "global batch size, split over workers", min=1,
-                                    default_text=f"reference: {RECIPES['reference']['batch_size']}; {FAST_BATCH_TEXT}")
+                                    default_text=fast_choice_default("batch_size"))
     optimizer: str | None = option(None, "adam; sgd with Nesterov momentum; or muon: the convolution filters "
                                    "by Muon (orthogonalised updates at --muon-lr), the rest by sgd",
                                    choices=("adam", "sgd", "muon"),
-                                   default_text=f"reference: {RECIPES['reference']['optimizer']}; {FAST_OPTIMIZER_TEXT}")
+                                   default_text=fast_choice_default("optimizer"))
     lr: float | None = option(None, "learning rate", above=0,
                               default_text=f"reference: 0.001; fast: {FAST_LR_PER_1024:.2f} x batch size / 1024")
     momentum: float = option(0.85, "SGD momentum", min=0, max=1)
