@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jobs import driver  # noqa: E402
 from jobs.augment import Config, validate  # noqa: E402
 from jobs.cli import init_ray  # noqa: E402
-from jobs.precision import cpu_features  # noqa: E402
+from jobs.precision import COMPILE_MODES, cpu_features  # noqa: E402
 
 # name -> (what it changes, Config overrides). Ablations switch one technique of the fast recipe off.
 CONFIGS = {
@@ -71,6 +71,10 @@ CONFIGS = {
                                 "in fp32 on a CPU)",
                                 {"recipe": "fast", "arch": "fast_cifar_net_small", "batch_size": 512,
                                  "low_res_size": 0, "optimizer": "muon", "muon_lr": 0.12}),
+    "small-net-512-muon-m8": ("half-width net, batch 512, Muon at lr 0.12 with momentum 0.8 instead of 0.6 (airbench's "
+                              "ablation at half its batch: momentum 0.8 with half the lr)",
+                              {"recipe": "fast", "arch": "fast_cifar_net_small", "batch_size": 512,
+                               "low_res_size": 0, "optimizer": "muon", "muon_lr": 0.12, "muon_momentum": 0.8}),
     "wide-net": ("airbench94's wider net (64/256/256) instead of 64/128/128", {"recipe": "fast", "arch": "fast_cifar_net_wide"}),
 }
 
@@ -94,19 +98,23 @@ def run_one(name: str, args, index: int) -> dict:
 
 
 def probe_step_rate(threads: int, batch: int, precision: str, channels_last: bool, steps: int = 6,
-                    arch: str = "fast_cifar_net", size: int = 32) -> float:
+                    arch: str = "fast_cifar_net", size: int = 32, compile_mode: str = "none") -> float:
     """Images/s of one process doing the fast recipe's training steps (model, augmentation, SGD) on
-    `size` x `size` images (below 32: what progressive resizing's low-resolution phase would get)."""
+    `size` x `size` images (below 32: what progressive resizing's low-resolution phase would get),
+    the model compiled as `--compile compile_mode` would (the first two steps, which compile, are
+    not timed)."""
     import torch
 
     from jobs.transforms import random_translate
     from jobs.airbench import sgd_param_groups
     from jobs.models import build_model
+    from jobs.precision import compile_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(arch, 10).to(memory_format=fmt)
+    compile_model(model, compile_mode)
     opt = torch.optim.SGD(sgd_param_groups(model, 0.1, 1e-3, 64), momentum=0.85, nesterov=True)
     images, labels = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8), torch.randint(0, 10, (batch,))
     g = torch.Generator().manual_seed(0)
@@ -128,24 +136,24 @@ def _probe_child(args):
 
 
 def probe(global_batch: int = 1024, arch: str = "fast_cifar_net", precisions=("fp32", "bf16"),
-          sizes=(32,), repeats: int = 1) -> list[dict]:
+          sizes=(32,), repeats: int = 1, compile_modes=("none",)) -> list[dict]:
     """Total images/s per precision x memory format x layout (processes x threads = 2 cores) x
-    image size, each cell measured `repeats` times (interleaved) and the median kept."""
+    image size x compile mode, each cell measured `repeats` times (interleaved) and the median kept."""
     import multiprocessing as mp
 
-    cells = [(precision, channels_last, procs, size) for size in sizes for precision in precisions
-             for channels_last in (False, True) for procs in (2, 1)]
+    cells = [(precision, channels_last, procs, size, mode) for size in sizes for precision in precisions
+             for channels_last in (False, True) for procs in (2, 1) for mode in compile_modes]
     rates_of: dict[tuple, list[float]] = {c: [] for c in cells}
     for _ in range(repeats):
         for cell in cells:
-            precision, channels_last, procs, size = cell
+            precision, channels_last, procs, size, mode = cell
             with mp.get_context("spawn").Pool(procs) as pool:
                 rates = pool.map(_probe_child, [(2 // procs, global_batch // procs, precision, channels_last, 6,
-                                                 arch, size)] * procs)
+                                                 arch, size, mode)] * procs)
             rates_of[cell].append(sum(rates))
     rows = []
-    for (precision, channels_last, procs, size), rates in rates_of.items():
-        row = {"arch": arch, "batch": global_batch, "size": size, "precision": precision,
+    for (precision, channels_last, procs, size, mode), rates in rates_of.items():
+        row = {"arch": arch, "batch": global_batch, "size": size, "precision": precision, "compile": mode,
                "channels_last": channels_last, "processes": procs, "threads": 2 // procs,
                "images_per_s": statistics.median(rates), "each": [round(r, 1) for r in rates]}
         print(json.dumps(row), flush=True)
@@ -192,14 +200,17 @@ def main() -> int:
     p.add_argument("--probe-sizes", type=int, nargs="+", default=[32], help="--probe: image sizes in px")
     p.add_argument("--probe-precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                    help="--probe: precisions (bf16 is emulated, and slow, on a CPU without native bf16)")
+    p.add_argument("--probe-compile", nargs="+", choices=COMPILE_MODES, default=["none"],
+                   help="--probe: compile modes (torch.compile, as the jobs' --compile)")
     p.add_argument("--probe-repeats", type=int, default=1, help="--probe: passes over the cells (medians kept)")
     args = p.parse_args()
     out = Path(args.out)
     if args.probe:
-        rows = probe(args.probe_batch, args.probe_arch, args.probe_precisions, args.probe_sizes, args.probe_repeats)
+        rows = probe(args.probe_batch, args.probe_arch, args.probe_precisions, args.probe_sizes, args.probe_repeats,
+                     args.probe_compile)
         out.parent.mkdir(parents=True, exist_ok=True)
         best = max(rows, key=lambda r: r["images_per_s"])
-        out.write_text(json.dumps({"rows": rows, "best": best}, indent=2) + "\n")
+        out.write_text(json.dumps({"rows": rows, "best": best, "cpu": cpu_features()}, indent=2) + "\n")
         print("best:", json.dumps(best))
         return 0
     if args.table:

@@ -154,12 +154,14 @@ def train(cfg, job, session, rank: int, world: int, device: torch.device) -> lis
     setup = job.build_setup(cfg, device, rank, world)
     model = setup.model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     amp = Amp(precision.autocast_dtype(getattr(cfg, "precision", "auto"), device), device)  # resolved here, on the worker
+    compile_mode = getattr(cfg, "compile", "none")
+    precision.compile_model(model, compile_mode)  # in place, before DDP wraps it
     # what was chosen, where it runs: into every checkpoint's meta (so result.json's "meta") and printed
     cpu = precision.cpu_features()
-    setup.meta.update({"cpu": cpu, "precision": amp.name, "device": str(device)})
+    setup.meta.update({"cpu": cpu, "precision": amp.name, "compile": compile_mode, "device": str(device)})
     if rank == 0:
         print(f"{cfg.name}: {precision.describe_cpu(cpu)}; precision {amp.name} "
-              f"(--precision {getattr(cfg, 'precision', 'auto')} on {device})", flush=True)
+              f"(--precision {getattr(cfg, 'precision', 'auto')} on {device}); compile {compile_mode}", flush=True)
     history, saved_plan = restore(session, setup, device)
     if history and rank == 0:
         print(f"{cfg.name}: resuming from the checkpoint after epoch {len(history)}", flush=True)

@@ -15,12 +15,17 @@ replica), never on the driver: on a cluster whose nodes differ, only the worker 
 training on CPU stays fp32 by default (the reference recipe's numbers), the feed-forward style
 network stays fp32 on GPU, Gatys' VGG runs bf16 on a GPU that supports it. "fast" is the fast
 recipe's choice: the quickest dtype that trains it well on each device.
+
+Compilation (`--compile`, `compile_model`) is the other half of how a training job's arithmetic
+runs: off by default, because on the CPUs it was measured on (2-core AVX2) inductor's training step
+of the fast network was slower than eager (BENCHMARKS.md, "torch.compile").
 """
 from __future__ import annotations
 
 import torch
 
 PRECISIONS = ("auto", "fast", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 WORKLOADS = ("train", "classify", "stylize", "gatys")
 FIXED = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # "auto" on CUDA ("bf16?" = bf16 where the GPU supports it, else fp32)
@@ -102,3 +107,16 @@ def autocast_dtype(precision: str, device: torch.device | str, workload: str = "
 def dtype_name(dtype: torch.dtype | None) -> str:
     """None -> "fp32", torch.bfloat16 -> "bf16", torch.float16 -> "fp16": what results and /healthz report."""
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """`torch.compile` `model` in place (inductor in `mode`, one of COMPILE_MODES; "none" leaves it
+    eager). In place (`nn.Module.compile`), so its state-dict keys, checkpoints, Lookahead weights
+    and the DDP wrapper put around it later are those of the eager module. Compiling happens at the
+    first calls: the first training steps (inside a time budget), then the first evaluation, and
+    again for each new input shape (progressive resizing, a last batch of another size)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    if mode != "none":
+        model.compile(mode=None if mode == "default" else mode)
+    return model

@@ -4,6 +4,8 @@ Both kinds of CPU are checked on any machine (`native_bf16` overrides the probe)
 GPU because the rule only reads the device's type, except "gatys" on CUDA, which asks the GPU
 whether it has bf16: that question is answered here by a stand-in.
 """
+import copy
+
 import pytest
 import torch
 
@@ -102,3 +104,29 @@ def test_cpu_features_read_cpuinfo_flags_and_torch(tmp_path):
     line = describe_cpu({**f, "native_bf16": True})
     assert line.startswith("cpu: AVX2 yes, AVX-512 yes, AVX-512 BF16 yes, AMX yes (torch kernels: ")
     assert line.endswith("bf16 native)")
+
+
+@pytest.mark.slow  # inductor compiles a forward and a backward (~20 s on a 2-core CPU)
+def test_compile_model_compiles_in_place_and_computes_what_eager_does():
+    """--compile: the module itself is compiled (its state-dict keys, what checkpoints and the
+    Lookahead weights hold, stay the eager ones) and computes what the eager module does;
+    "none" leaves it eager; a mode torch does not have is refused."""
+    from torch import nn
+
+    from jobs.precision import compile_model
+
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.GELU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    compiled = compile_model(copy.deepcopy(eager), "default")
+    assert compiled._compiled_call_impl is not None and eager._compiled_call_impl is None
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    x = torch.randn(5, 3, 8, 8)
+    for m in (eager, compiled):
+        m(x).square().sum().backward()
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+    plain = nn.Linear(2, 2)
+    assert compile_model(plain, "none") is plain and plain._compiled_call_impl is None
+    with pytest.raises(ValueError, match="compile mode 'fastest' is not one of none, default"):
+        compile_model(plain, "fastest")

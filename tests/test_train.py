@@ -66,9 +66,10 @@ def test_loop_takes_any_session_resolves_precision_on_the_worker_and_resumes(tmp
     assert history[-1]["steps"] == 2 * 2  # 128 images / 64 per batch, 2 epochs
     # rank 0 says what it found and chose; the checkpoint's meta (result.json's "meta") records it
     out = capsys.readouterr().out
-    assert "loop: cpu: AVX2 yes" in out or "loop: cpu: AVX2 no" in out and "; precision bf16 (--precision bf16 on cpu)" in out
+    assert "loop: cpu: AVX2 yes" in out or "loop: cpu: AVX2 no" in out
+    assert "; precision bf16 (--precision bf16 on cpu); compile none" in out
     meta = torch.load(Path(session.checkpoint.path) / loop.CHECKPOINT_FILE, weights_only=True)["meta"]
-    assert meta["precision"] == "bf16" and meta["device"] == "cpu"
+    assert meta["precision"] == "bf16" and meta["device"] == "cpu" and meta["compile"] == "none"
     assert {"avx2", "avx512", "avx512_bf16", "amx", "native_bf16", "capability"} <= set(meta["cpu"])
     for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
         assert 0 <= history[-1][key] < 10, key
