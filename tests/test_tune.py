@@ -230,3 +230,25 @@ def test_default_workers_fit_the_cluster_and_the_flag_keeps_its_meaning(tmp_path
     config.write_text(json.dumps({"config": {"num_workers": 2}}))
     args, _, base = lr.parse_args(["--job", "augment", "--data", "synthetic", "--config", str(config)])
     assert args.workers_given
+
+
+def test_default_lr_range_is_a_decade_either_side_of_the_recipes_lr(capsys):
+    """The augment sweep's lr range follows the recipe (Adam 1e-3 for the reference, SGD 0.75 for the
+    fast one at batch 512: a range made for Adam would search only uselessly small SGD rates);
+    --lr-range and --lr-grid still choose; finetune keeps its fixed ranges."""
+    def space(argv):
+        args, job, base = lr.parse_args(argv)
+        got = lr.search_space(args, args.job, base)
+        return {k: (v.lower, v.upper) for k, v in got.items() if hasattr(v, "lower")}, got
+
+    ref, _ = space(["--job", "augment"])
+    assert ref["lr"] == pytest.approx((1e-4, 1e-2))
+    fast, _ = space(["--job", "augment", "--recipe", "fast", "--batch-size", "512", "--precision", "fp32"])
+    assert fast["lr"] == pytest.approx((0.075, 7.5))
+    assert "lr range: 0.075 to 7.5, a decade either side of the job's lr 0.75" in capsys.readouterr().out
+    given, _ = space(["--job", "augment", "--recipe", "fast", "--lr-range", "0.2", "2"])
+    assert given["lr"] == (0.2, 2.0) and "lr range" not in capsys.readouterr().out
+    _, grid = space(["--job", "augment", "--recipe", "fast", "--lr-grid", "0.5,1"])
+    assert grid["lr"] == {"grid_search": [0.5, 1.0]}
+    tuned, _ = space(["--job", "finetune"])
+    assert tuned == {"lr": (1e-5, 1e-1), "head_lr_mult": (1.0, 100.0), "weight_decay": (1e-5, 1e-2)}

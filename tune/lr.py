@@ -31,8 +31,9 @@ from tune.sweep import (OutputDir, check_restore, format_table, read_sweep_file,
 METRIC, MODE = "test_acc", "max"
 
 # job -> the searched Config fields and their default log-uniform ranges
-JOBS: dict[str, dict[str, tuple[float, float]]] = {
-    "augment": {"lr": (1e-4, 1e-2)},
+# None: a decade either side of the job's own lr (the recipe's: 1e-3 reference, 1.5 x batch/1024 fast)
+JOBS: dict[str, dict[str, tuple[float, float] | None]] = {
+    "augment": {"lr": None},
     "finetune": {"lr": (1e-5, 1e-1), "head_lr_mult": (1.0, 100.0), "weight_decay": (1e-5, 1e-2)},
 }
 
@@ -121,7 +122,9 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--job", choices=sorted(JOBS), default="augment", help="the training job to sweep (default augment)")
     p.add_argument("--num-samples", type=int, default=8, help="trials to sample (with --lr-grid: repeats of the grid) (default 8)")
     p.add_argument("--lr-range", type=float, nargs=2, metavar=("MIN", "MAX"),
-                   help="log-uniform learning-rate range (default augment 1e-4 1e-2, finetune 1e-5 1e-1)")
+                   help="log-uniform learning-rate range (default augment: a decade either side of the job's "
+                        "lr, so 1e-4 1e-2 for the reference recipe and 0.075 7.5 for --recipe fast at batch 512; "
+                        "finetune 1e-5 1e-1)")
     p.add_argument("--lr-grid", help="comma-separated learning rates to try exactly (grid search) instead of sampling")
     p.add_argument("--head-mult-range", type=float, nargs=2, metavar=("MIN", "MAX"),
                    help="finetune: log-uniform range of the head's lr multiplier (default 1 100)")
@@ -160,11 +163,17 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Any, Any]:
     return args, job, base
 
 
-def search_space(args, job_name: str) -> dict[str, Any]:
-    """Log-uniform ranges (or an exact lr grid) for the job's searched fields."""
+def search_space(args, job_name: str, base) -> dict[str, Any]:
+    """Log-uniform ranges (or an exact lr grid) for the job's searched fields; an lr range left to
+    the job (JOBS) is a decade either side of `base.lr`, the lr its recipe chose."""
     from ray import tune
 
     ranges = dict(JOBS[job_name])
+    if ranges["lr"] is None:
+        ranges["lr"] = (base.lr / 10, base.lr * 10)
+        if args.lr_range is None and not args.lr_grid:
+            print(f"lr range: {base.lr / 10:g} to {base.lr * 10:g}, a decade either side of the job's lr {base.lr:g} "
+                  f"(--lr-range MIN MAX to choose)", flush=True)
     for field, flag in (("lr", "lr_range"), ("head_lr_mult", "head_mult_range"), ("weight_decay", "wd_range")):
         value = getattr(args, flag)
         if value is None:
@@ -330,7 +339,7 @@ def main(argv=None) -> int:
     else:
         if is_uri(args.storage_path) and base.num_workers > 1 and not args.trial_storage:
             raise UserError("multi-worker trials with an s3:// --storage-path need --trial-storage (a path every node shares)")
-        space = search_space(args, args.job)
+        space = search_space(args, args.job, base)
         base = prepare_base(base, job)
     init_ray(args.address)
     if not restore and driver.resource_wait_s() <= 0:  # an autoscaling cluster may still grow: leave it be
