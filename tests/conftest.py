@@ -27,6 +27,12 @@ import pytest
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+# Ray Train's per-run overheads, which every Train/Tune test pays: the controller polls its workers
+# every 2 s (so each start, report and finish waits up to 2 s more; 0.5 s here), and each run starts a
+# preemption-watcher actor (one more process importing Ray Train on 2 busy cores) for spot-node
+# drains that no test machine has. Neither changes what a test checks.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import ray  # noqa: E402
 import ray._private.ray_constants as ray_constants  # noqa: E402
