@@ -192,21 +192,23 @@ def test_fast_recipe_picks_its_network_from_where_it_trains(monkeypatch):
     """fp32 on a CPU: the half-width net (more epochs per budget) with Muon; bf16 or a GPU:
     fast_cifar_net with SGD. What the user gives is kept, and the reason names what was chosen."""
     import jobs.precision
-    small, full = ("fast_cifar_net_small", 512, "muon"), ("fast_cifar_net", 1024, "sgd")
+    small, full = ("fast_cifar_net_small", 512, "muon", False), ("fast_cifar_net", 1024, "sgd", True)
     for native, precision, gpu, chosen in [(False, "fast", False, small), (False, "auto", False, small),
                                            (True, "fast", False, full), (True, "fp32", False, small),
                                            (False, "bf16", False, full), (False, "fast", True, full)]:
         monkeypatch.setattr(jobs.precision, "native_bf16_cpu", lambda: native)
         cfg = Config(recipe="fast", precision=precision, use_gpu=gpu)
-        assert (cfg.arch, cfg.batch_size, cfg.optimizer) == chosen, (native, precision, gpu)
-        assert cfg.arch_reason.startswith("arch, batch size and optimizer: ")  # printed by validate
+        assert (cfg.arch, cfg.batch_size, cfg.optimizer, cfg.whiten_bias) == chosen, (native, precision, gpu)
+        assert cfg.arch_reason.startswith("arch, batch size, optimizer and whiten bias: ")  # printed by validate
         assert cfg.lr == pytest.approx(1.5 * chosen[1] / 1024)  # the lr follows the chosen batch
     monkeypatch.setattr(jobs.precision, "native_bf16_cpu", lambda: False)
     cfg = Config(recipe="fast", arch="fast_cifar_net_wide")  # the user's network, the recipe's batch
     assert (cfg.arch, cfg.batch_size) == ("fast_cifar_net_wide", 512)
-    assert cfg.arch_reason.startswith("batch size and optimizer: ")
-    assert Config(recipe="fast", arch="fast_cifar_net", batch_size=256).arch_reason.startswith("optimizer: ")
-    assert Config(recipe="fast", arch="fast_cifar_net", batch_size=256, optimizer="sgd").arch_reason == ""
+    assert cfg.arch_reason.startswith("batch size, optimizer and whiten bias: ")
+    assert Config(recipe="fast", arch="fast_cifar_net", batch_size=256,
+                  whiten_bias=True).arch_reason.startswith("optimizer: ")
+    assert Config(recipe="fast", arch="fast_cifar_net", batch_size=256, optimizer="sgd",
+                  whiten_bias=True).arch_reason == ""
     assert Config().arch == "cifar_resnet18" and Config().arch_reason == "" and Config().optimizer == "adam"
 
 
@@ -240,6 +242,22 @@ def test_fast_recipe_config_defaults_and_overrides():
     assert isinstance(muon.optimizer, Muon) and muon.optimizer.param_groups[-1]["muon"]
     assert muon.optimizer.param_groups[-1]["lr"] == 0.1 and muon.optimizer.param_groups[0]["lr"] == pytest.approx(0.1875)
     assert not setup.model.whiten.weight.requires_grad
+    # a frozen whitening bias (the fast recipe in fp32 on a CPU): in no optimizer group, still 0 after a step,
+    # and the first conv's input needs no gradient (the backward skips it: the step's saving)
+    frozen = build_setup(Config(**{**FAST_TINY, "num_workers": 1}, optimizer="muon", whiten_bias=False),
+                         torch.device("cpu"), 0, 1)
+    whiten = frozen.model.whiten
+    assert not whiten.bias.requires_grad
+    trained = build_setup(Config(**{**FAST_TINY, "num_workers": 1}, whiten_bias=True), torch.device("cpu"), 0, 1)
+    assert trained.model.whiten.bias.requires_grad
+    assert any(p is trained.model.whiten.bias for g in trained.optimizer.param_groups for p in g["params"])
+    assert all(p is not whiten.bias for g in frozen.optimizer.param_groups for p in g["params"])
+    x, y = next(iter(frozen.train_batches(0)))
+    x = frozen.prepare(x, True, torch.Generator().manual_seed(0))
+    assert not whiten(x).requires_grad
+    frozen.task.loss(frozen.model, x, y)[0].backward()
+    frozen.optimizer.step()
+    assert whiten.bias.grad is None and not whiten.bias.any()
     x, y = next(iter(setup.train_batches(0)))
     prepared = setup.prepare(x, True, torch.Generator().manual_seed(0))
     assert prepared.shape == (128, 3, 16, 16) and abs(float(prepared.mean())) < 0.5  # standardised
