@@ -189,8 +189,9 @@ def test_muon_steps_filters_at_fixed_norm_and_the_rest_as_torch_sgd():
 
 
 def test_fast_recipe_picks_its_network_from_where_it_trains(monkeypatch):
-    """fp32 on a CPU: the half-width net (more epochs per budget) with Muon; bf16 or a GPU:
-    fast_cifar_net with SGD. What the user gives is kept, and the reason names what was chosen."""
+    """fp32 on a CPU: the half-width net (more epochs per budget) with Muon and a frozen whitening bias;
+    bf16 or a GPU: fast_cifar_net with SGD, the bias trained. What the user gives is kept, and the reason
+    names what was chosen."""
     import jobs.precision
     small, full = ("fast_cifar_net_small", 512, "muon", False), ("fast_cifar_net", 1024, "sgd", True)
     for native, precision, gpu, chosen in [(False, "fast", False, small), (False, "auto", False, small),
