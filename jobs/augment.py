@@ -48,11 +48,11 @@ def fast_arch(precision: str, use_gpu: bool) -> tuple[dict[str, object], str]:
 
     In fp32 on a CPU a 600 s budget buys fast_cifar_net only 1.5-3.4 epochs on 2-core AVX2 machines,
     where the half-width net at batch 512 reached a higher accuracy, and Muon on its filters more
-    than SGD in the same time; freezing the whitening bias makes each step ~1.15x faster, which bought as
-    much accuracy in 600 s as training it, with every run at 85% or above (BENCHMARKS.md, "fp32 on
-    AVX2"); on a GPU or with native bf16 the
-    budget covers ~9 epochs of fast_cifar_net at batch 1024 with SGD and a trained whitening bias (88.8%;
-    neither Muon nor the frozen bias measured there).
+    than SGD in the same time; freezing the whitening bias makes each step ~1.15x faster, which
+    bought as much accuracy in 600 s as training it, every run at 85% or above (BENCHMARKS.md,
+    "fp32 on AVX2"). On a GPU or with native bf16 the budget covers ~9 epochs of fast_cifar_net at
+    batch 1024 with SGD and a trained whitening bias (88.8%; neither Muon nor the frozen bias
+    measured there).
     Decided on the driver from its own CPU: a CPU cluster's workers are assumed to be of the
     driver's kind (pass --arch, --batch-size, --optimizer and --[no-]whiten-bias to choose)."""
     if use_gpu:
