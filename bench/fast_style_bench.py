@@ -1,8 +1,10 @@
 """Real-time style transfer vs Gatys: stylizing one 512x512 image on this machine, in one run.
 
 Feed-forward: `jobs.transformer_net.stylize_image` (PIL in -> PIL out: ToTensor, one TransformerNet
-forward, clamp, to PIL), `--repeats` timed calls after `--warmup`, median; in fp32 NCHW, fp32
-channels_last and bf16 autocast channels_last. Gatys: `jobs.style.stylize` (Adam, the SPEC's layers and
+forward, clamp, to PIL), `--repeats` timed calls after `--warmup`, median; in fp32 NCHW with PyTorch's
+default convolutions (the ratios' baseline), fp32 with NNPACK's Winograd/FFT convolutions (`jobs.fastconv`,
+what a CPU without native bf16 serves), fp32 channels_last, fp32 compiled, and bf16 autocast NCHW and
+channels_last. Gatys: `jobs.style.stylize` (Adam, the SPEC's layers and
 weights) at the same size with a pre-built VGG-19 extractor. A 500-step run takes far too long on 2
 cores, so each of `--gatys-repeats` runs does `--gatys-steps` steps and the 500-step time is
 extrapolated: (wall time - time spent in the steps) + 500 x the median step time.
@@ -14,17 +16,21 @@ offline). Run it alone: `flock -x /tmp/heavy.lock python bench/fast_style_bench.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import os
 import statistics
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from jobs import fastconv  # noqa: E402
 from jobs import style as S  # noqa: E402
 from jobs.images import load_image  # noqa: E402
 from jobs.precision import autocast_dtype, cpu_features, dtype_name, native_bf16_cpu  # noqa: E402
@@ -50,32 +56,45 @@ def time_calls(fn, warmup: int, repeats: int) -> tuple[list[float], list[float]]
     return wall, cpu
 
 
-VARIANTS = ("fp32", "fp32-cl", "fp32-compiled", "bf16", "bf16-cl")
+VARIANTS = ("fp32", "fp32-winograd", "fp32-cl", "fp32-compiled", "bf16", "bf16-cl")
+
+
+def variant_model(model: TransformerNet, variant: str) -> tuple[TransformerNet, Callable]:
+    """A copy of `model` for `variant` and the context its calls run in (a factory): Winograd layers for
+    fp32-winograd, PyTorch's own convolutions (`fastconv.disabled`) for every other variant."""
+    m = copy.deepcopy(model)
+    if variant == "fp32-winograd":
+        fastconv.winograd_convs(m)
+        return m, contextlib.nullcontext
+    return m, fastconv.disabled
 
 
 def feed_forward(model: TransformerNet, img: Image.Image, variant: str, warmup: int, repeats: int) -> dict:
     """Median latency of one stylize_image call in `variant` (VARIANTS: -cl = channels_last,
-    -compiled = torch.compile of the network, inductor's default mode; its first call, which
-    compiles, is timed apart as compile_s)."""
-    m = model.to(memory_format=torch.channels_last) if variant.endswith("-cl") else model.to(
-        memory_format=torch.contiguous_format)
+    -winograd = NNPACK's convolutions, -compiled = torch.compile of the network, inductor's default
+    mode; its first call, which compiles, is timed apart as compile_s)."""
+    m, kernels = variant_model(model, variant)
+    m = m.to(memory_format=torch.channels_last if variant.endswith("-cl") else torch.contiguous_format)
     precision = variant.split("-")[0]
     compile_s = None
     if variant.endswith("-compiled"):
         m = torch.compile(m)
         t0 = time.perf_counter()
-        stylize_image(m, img, precision=precision)
+        with kernels():
+            stylize_image(m, img, precision=precision)
         compile_s = time.perf_counter() - t0
 
     def run():
-        return stylize_image(m, img, precision=precision)
+        with kernels():
+            return stylize_image(m, img, precision=precision)
     wall, cpu = time_calls(run, warmup, repeats)
     return {"variant": variant, "median_s": statistics.median(wall), "median_cpu_s": statistics.median(cpu),
             "times_s": wall, "cpu_s": cpu, "compile_s": compile_s}
 
 
 def gatys(content: Image.Image, style: Image.Image, size: int, steps: int, repeats: int, weights: str) -> dict:
-    """Per-step time of jobs.style at size x size (Adam), extrapolated to a 500-step run."""
+    """Per-step time of jobs.style at size x size (Adam, its defaults: Winograd convolutions in fp32 on a
+    CPU), extrapolated to a 500-step run."""
     cfg = S.StyleConfig(size=[size, size], steps=steps, optimizer="adam", weights=weights)
     extractor = S.build_extractor(cfg)  # built once, as a StylePool replica does
     runs = []
@@ -91,7 +110,8 @@ def gatys(content: Image.Image, style: Image.Image, size: int, steps: int, repea
         overhead = wall - rec_times[-1]  # preprocessing, targets, the last update, postprocessing
         runs.append({"wall_s": wall, "cpu_s": cpu, "cpu_per_step_s": cpu / steps, "steps": steps, "median_step_s": step, "overhead_s": overhead,
                      "extrapolated_500_s": overhead + 500 * step})
-    return {"runs": runs, "median_step_s": statistics.median(r["median_step_s"] for r in runs),
+    return {"runs": runs, "convolutions": S.conv_kernels(extractor, cfg.precision),
+            "median_step_s": statistics.median(r["median_step_s"] for r in runs),
             "median_cpu_per_step_s": statistics.median(r["cpu_per_step_s"] for r in runs),
             "extrapolated_500_s": statistics.median(r["extrapolated_500_s"] for r in runs)}
 
@@ -123,8 +143,9 @@ def main() -> None:
     model = load_style_model(args.model)[0] if args.model else TransformerNet().eval()
     result = {"size": args.size, "threads": args.threads, "torch": torch.__version__,
               "model": args.model or "random-init TransformerNet", "vgg_weights": args.weights, "feed_forward": []}
-    served = dtype_name(autocast_dtype("auto", "cpu", "stylize"))  # what FastStylePool runs here by default (NCHW)
-    result["served_precision"] = served
+    dtype = autocast_dtype("auto", "cpu", "stylize")  # what FastStylePool runs here by default (NCHW)
+    served = "fp32-winograd" if fastconv.applies("cpu", dtype) else dtype_name(dtype)
+    result["served_precision"], result["served_variant"] = dtype_name(dtype), served
     for variant in variants:
         r = feed_forward(model, content, variant, args.warmup, args.repeats)
         print(f"feed-forward {variant}: median {r['median_s']:.3f} s wall, {r['median_cpu_s']:.3f} s CPU "
@@ -146,10 +167,22 @@ def main() -> None:
     result["speedup_served"] = g["extrapolated_500_s"] / serving["median_s"]
     print(f"served here ({served}, NCHW): {serving['median_s']:.3f} s, {result['speedup_served']:.0f}x Gatys",
           flush=True)
+    if "fp32-winograd" in variants:
+        # what the Winograd/FFT kernels change in the output: 0..255 pixel differences against fp32 direct
+        plain, wino = (variant_model(model, v) for v in ("fp32", "fp32-winograd"))
+        with plain[1]():
+            a = np.asarray(stylize_image(plain[0], content, precision="fp32"), dtype=np.float32)
+        b = np.asarray(stylize_image(wino[0], content, precision="fp32"), dtype=np.float32)
+        diff = np.abs(a - b)
+        result["winograd_vs_fp32_pixels"] = {"mean_abs": float(diff.mean()), "max_abs": float(diff.max()),
+                                             "share_changed": float((diff > 0).mean())}
+        print(f"winograd vs fp32 output: mean |diff| {diff.mean():.4f}/255, max {diff.max():.0f}/255, "
+              f"{100 * (diff > 0).mean():.3f}% of values changed", flush=True)
     if any(v.startswith("bf16") for v in variants):
         # what bf16 changes in the output: 0..255 pixel differences against fp32, same image and weights
-        a = np.asarray(stylize_image(model, content, precision="fp32"), dtype=np.float32)
-        b = np.asarray(stylize_image(model, content, precision="bf16"), dtype=np.float32)
+        with fastconv.disabled():
+            a = np.asarray(stylize_image(model, content, precision="fp32"), dtype=np.float32)
+            b = np.asarray(stylize_image(model, content, precision="bf16"), dtype=np.float32)
         diff = np.abs(a - b)
         result["bf16_vs_fp32_pixels"] = {"mean_abs": float(diff.mean()), "p99_abs": float(np.percentile(diff, 99)),
                                          "max_abs": float(diff.max())}

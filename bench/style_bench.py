@@ -187,9 +187,10 @@ def phase_ref500(args, content, style, features) -> dict:
             "per_step_cpu_s": per_step(out["records"], "cpu_s"), "records": out["records"]}
 
 
-VARIANTS = {  # jobs.style's default, precision "auto", is bf16 on a CPU with native bf16 and fp32 elsewhere
-    "fp32 channels_last": dict(channels_last=True, precision="fp32"),
-    "fp32 NCHW": dict(channels_last=False, precision="fp32"),  # left out with --quick
+VARIANTS = {  # jobs.style's default, precision "auto", is bf16 on a CPU with native bf16 and fp32 + Winograd elsewhere
+    "fp32 winograd": dict(winograd=True, precision="fp32"),  # NNPACK's kernels, NCHW (jobs.fastconv)
+    "fp32 channels_last": dict(winograd=False, channels_last=True, precision="fp32"),
+    "fp32 NCHW": dict(winograd=False, channels_last=False, precision="fp32"),  # left out with --quick
     "bf16 autocast, channels_last": dict(channels_last=True, precision="bf16"),
 }
 

@@ -26,6 +26,7 @@ from PIL import Image
 from torch import nn
 
 from jobs.cli import UserError
+from jobs import fastconv
 from jobs.config import check_options, option
 from jobs.images import IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS, load_image
 from jobs.precision import autocast_dtype, dtype_name
@@ -72,7 +73,9 @@ class StyleConfig(StyleLosses):
     init: str = option("content", "start image", choices=("content", "noise"))
     seed: int = option(0, "seed for noise init and random weights", min=0, max=2**63 - 1)
     device: str = option("cpu", "cpu, cuda, cuda:N or auto (single mode)")
-    channels_last: bool = option(True, "channels_last VGG (same math, faster convolutions)")
+    channels_last: bool = option(True, "channels_last VGG (same math, faster convolutions) where --winograd does not run")
+    winograd: bool = option(True, "fp32 on a CPU: the VGG's stride-1 convolutions through NNPACK's Winograd/FFT "
+                            "kernels (same math up to float rounding, fewer multiplies; the VGG runs NCHW then)")
     precision: str = option("auto", "VGG arithmetic (losses are fp32): auto = bf16 where it is native (a CPU with "
                             "AVX-512 BF16 or AMX, a GPU with bf16), else fp32", choices=("auto", "fp32", "bf16"))
     max_pixels: int = option(MAX_PIXELS, "refuse input images and working sizes with more pixels", min=1)
@@ -150,19 +153,31 @@ def postprocess(x: torch.Tensor) -> Image.Image:
 # ----------------------------------------------------------------------------- VGG features
 
 def build_extractor(cfg: StyleConfig, features: nn.Sequential | None = None) -> VGGFeatures:
-    """The extractor for `cfg`'s layers, on `cfg.device`, in `cfg`'s memory format."""
+    """The extractor for `cfg`'s layers, on `cfg.device`: Winograd convolutions (NCHW) where `cfg.winograd`
+    and its precision is fp32 on a CPU, else in `cfg`'s memory format. Converted layers still run the
+    default kernels for work in another precision (a job with its own --precision on a shared extractor)."""
     features = features if features is not None else load_vgg(cfg.weights, cfg.seed)
-    ext = VGGFeatures(features, max(cfg.content_layers + cfg.style_layers)).to(resolve_device(cfg.device))
-    if cfg.channels_last:
+    device = resolve_device(cfg.device)
+    ext = VGGFeatures(features, max(cfg.content_layers + cfg.style_layers)).to(device)
+    if cfg.winograd and fastconv.applies(device, autocast_dtype(cfg.precision, device, "gatys")):
+        fastconv.winograd_convs(ext)
+    elif cfg.channels_last:
         ext = ext.to(memory_format=torch.channels_last)
     return ext
 
 
+def conv_kernels(extractor: VGGFeatures, precision: str) -> str:
+    """The convolutions a run with `precision` gets from `extractor`: "winograd" or "default"."""
+    dev = next(extractor.parameters()).device
+    return fastconv.describe(extractor, dev, autocast_dtype(precision, dev, "gatys"))
+
+
 @lru_cache(maxsize=2)
-def cached_extractor(weights: str, seed: int, device: str, last_layer: int, channels_last: bool) -> VGGFeatures:
+def cached_extractor(weights: str, seed: int, device: str, last_layer: int, channels_last: bool,
+                     precision: str = "auto", winograd: bool = True) -> VGGFeatures:
     """One extractor per process and setting: Ray workers reuse it across tasks."""
-    cfg = StyleConfig(weights=weights, seed=seed, device=device, channels_last=channels_last,
-                      content_layers=[last_layer], style_layers=[last_layer])
+    cfg = StyleConfig(weights=weights, seed=seed, device=device, channels_last=channels_last, precision=precision,
+                      winograd=winograd, content_layers=[last_layer], style_layers=[last_layer])
     return build_extractor(cfg)
 
 

@@ -21,8 +21,9 @@ from jobs.cli import UserError, init_ray
 from jobs.config import add_options, load_config
 from jobs.outputs import figure
 from jobs.images import contact_sheet, load_image
-from jobs.precision import autocast_dtype, dtype_name
-from jobs.style import StyleConfig, cached_extractor, config_dict, resolve_device, stylize
+from jobs.precision import autocast_dtype, cpu_features, describe_cpu, dtype_name
+from jobs.style import (StyleConfig, build_extractor, cached_extractor, config_dict, conv_kernels, resolve_device,
+                        stylize)
 from jobs.vgg import RANDOM_WEIGHTS_WARNING
 
 
@@ -81,13 +82,16 @@ def run_single(cfg: StyleConfig, content: str, style: str, out: str) -> dict:
         raise UserError(f"--out must be a .png path, got {out}")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     t0 = time.perf_counter()
-    image, history = stylize(content, style, cfg, progress=ProgressBar(cfg.steps * len(cfg.scales)))
+    extractor = build_extractor(cfg)
+    precision = dtype_name(autocast_dtype(cfg.precision, resolve_device(cfg.device), "gatys"))
+    convolutions = conv_kernels(extractor, cfg.precision)
+    print(f"{describe_cpu(cpu_features())}; precision {precision}; convolutions {convolutions}", flush=True)
+    image, history = stylize(content, style, cfg, extractor, progress=ProgressBar(cfg.steps * len(cfg.scales)))
     seconds = time.perf_counter() - t0
     image.save(out)
     stem = out[:-4]
     plot_losses(history, stem + "-losses.png")
-    precision = dtype_name(autocast_dtype(cfg.precision, resolve_device(cfg.device), "gatys"))
-    result = {"config": config_dict(cfg), "precision": precision,
+    result = {"config": config_dict(cfg), "precision": precision, "convolutions": convolutions,
               "content": content, "style": style, "output": out,
               "seconds": seconds, "final": history[-1] if history else None, "history": history}
     if cfg.weights == "random":
@@ -98,16 +102,16 @@ def run_single(cfg: StyleConfig, content: str, style: str, out: str) -> dict:
     return result
 
 
-def stylize_pair(content_bytes: bytes, style_bytes: bytes, cfg_dict: dict) -> tuple[bytes, list[dict], float]:
-    """Ray task body: one pair -> (PNG bytes, history, seconds). VGG is loaded once per worker."""
+def stylize_pair(content_bytes: bytes, style_bytes: bytes, cfg_dict: dict) -> tuple[bytes, list[dict], float, str]:
+    """Ray task body: one pair -> (PNG bytes, history, seconds, convolutions). VGG is loaded once per worker."""
     cfg = StyleConfig(**cfg_dict)
     ext = cached_extractor(cfg.weights, cfg.seed, cfg.device, max(cfg.content_layers + cfg.style_layers),
-                           cfg.channels_last)
+                           cfg.channels_last, cfg.precision, cfg.winograd)
     t0 = time.perf_counter()
     image, history = stylize(content_bytes, style_bytes, cfg, extractor=ext)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    return buf.getvalue(), history, time.perf_counter() - t0
+    return buf.getvalue(), history, time.perf_counter() - t0, conv_kernels(ext, cfg.precision)
 
 
 def run_batch(cfg: StyleConfig, contents: list[str], styles: list[str], out_dir: str, use_gpu: bool = False,
@@ -135,13 +139,13 @@ def run_batch(cfg: StyleConfig, contents: list[str], styles: list[str], out_dir:
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         i, j = refs[done[0]]
-        png, history, seconds = ray.get(done[0])
+        png, history, seconds, convolutions = ray.get(done[0])
         name = f"{i:02d}-{_stem(contents[i])}__{j:02d}-{_stem(styles[j])}.png"
         with open(os.path.join(out_dir, name), "wb") as f:
             f.write(png)
         results[(i, j)] = Image.open(io.BytesIO(png)).convert("RGB")
         pairs.append({"content": contents[i], "style": styles[j], "output": name, "seconds": seconds,
-                      "final": history[-1] if history else None, "history": history})
+                      "convolutions": convolutions, "final": history[-1] if history else None, "history": history})
         print(f"[{len(results)}/{len(refs)}] {name} ({seconds:.1f}s, total loss "
               f"{history[-1]['total'] if history else float('nan'):.4g})", flush=True)
     # styles across the top, contents down the left, each result where its row and column meet

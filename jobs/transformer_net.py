@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from jobs import fastconv
 from jobs.precision import autocast_dtype
 
 MIN_SIDE = 5  # the 9x9 reflection pad needs > 4 pixels, the quarter-size maps >= 2
@@ -68,6 +69,8 @@ class UpsampleConv(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(B, c_in, h, w) -> (B, c_out, *size)."""
+        if tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]) and fastconv.runs(self.conv.conv, x):
+            return fastconv.upsample2_conv3x3(x, self.conv.conv)  # the same map, without the 4x larger input
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
@@ -153,13 +156,16 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_style_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[TransformerNet, dict]:
-    """(model in eval mode on `device`, manifest); weights load with weights_only=True."""
+    """(model in eval mode on `device`, manifest); weights load with weights_only=True. On a CPU its
+    convolutions run NNPACK's Winograd/FFT kernels for fp32 work (`jobs.fastconv`)."""
     manifest = read_manifest(path)
     model = TransformerNet()
     try:
         model.load_state_dict(torch.load(Path(path) / WEIGHTS, map_location="cpu", weights_only=True))
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise StyleModelError(f"{path}: cannot load weights: {str(e).splitlines()[0]}") from None
+    if torch.device(device).type == "cpu":
+        fastconv.winograd_convs(model)
     return model.to(device).eval(), manifest
 
 

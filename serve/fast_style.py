@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from ray import serve
 
+from jobs import fastconv
 from jobs.images import load_image
 from jobs.precision import autocast_dtype, dtype_name
 from jobs.transformer_net import (MANIFEST, MIN_SIDE, STYLE_THUMBNAIL, StyleModelError, list_style_models,
@@ -40,8 +41,11 @@ class FastStylePool:
         torch.set_num_threads(max(1, threads))
         self.registry = os.path.abspath(registry)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.precision = dtype_name(autocast_dtype(precision, self.device, "stylize"))
-        log.info("fast style: %s forwards on %s", self.precision, self.device)
+        dtype = autocast_dtype(precision, self.device, "stylize")
+        self.precision = dtype_name(dtype)
+        # load_style_model converts every CPU model; its fp32 forwards run through NNPACK
+        self.convolutions = "winograd" if fastconv.applies(self.device, dtype) else "default"
+        log.info("fast style: %s forwards on %s, %s convolutions", self.precision, self.device, self.convolutions)
         self.max_side, self.max_pixels = max_side, max_pixels
         # forwards run off the event loop (health checks stay answered), one at a time: concurrent
         # forwards on the same cores only slow each other down

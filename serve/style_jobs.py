@@ -27,7 +27,7 @@ from serve.store_client import StoreClient, StoreUnavailable
 log = logging.getLogger("ray.serve")
 
 # what a client may set on a style job: every StyleConfig field but these, which the server fixes
-SERVER_FIXED = ("weights", "device", "max_pixels", "channels_last")
+SERVER_FIXED = ("weights", "device", "max_pixels", "channels_last", "winograd")
 STYLE_OPTIONS = tuple(f.name for f in dataclasses.fields(StyleConfig) if f.name not in SERVER_FIXED)
 
 

@@ -14,10 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
+from jobs import fastconv
 from jobs import style as S
 from jobs import vgg as V
 from jobs.cli import UserError
 from jobs.images import ImageInputError, load_image
+from jobs.precision import autocast_dtype
 
 TINY = [32, 48]
 
@@ -350,6 +352,9 @@ def test_cli_single_writes_image_curves_json(tmp_path, capsys):
     result = json.loads((tmp_path / "out" / "r.json").read_text())
     assert result["config"]["style_weight"] == 1e4 and result["config"]["content_layers"] == [25]
     assert len(result["history"]) == 3 and "warning" in result
+    # fp32 on this CPU (precision auto without native bf16): NNPACK's kernels where this torch has them
+    expected = "winograd" if fastconv.applies("cpu", autocast_dtype("auto", "cpu", "gatys")) else "default"
+    assert result["convolutions"] == expected
 
 
 @pytest.mark.slow

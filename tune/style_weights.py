@@ -45,7 +45,8 @@ def style_trial(config: dict[str, Any], content: bytes, style: bytes) -> None:
 
     cfg = StyleConfig(**{**config["base"], **{k: config[k] for k in WEIGHTS}})
     last = max([*cfg.content_layers, *cfg.style_layers, *CONTENT_LAYERS, *STYLE_LAYERS])
-    extractor = cached_extractor(cfg.weights, cfg.seed, cfg.device, last, cfg.channels_last)
+    extractor = cached_extractor(cfg.weights, cfg.seed, cfg.device, last, cfg.channels_last, cfg.precision,
+                                 cfg.winograd)
     image, history = stylize(content, style, cfg, extractor=extractor)
     measured = distances(image, content, style, extractor, size=cfg.size, content_layers=CONTENT_LAYERS,
                          style_layers=STYLE_LAYERS, precision=cfg.precision)
