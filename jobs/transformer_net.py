@@ -57,7 +57,7 @@ class ResidualBlock(nn.Module):
         self.conv2, self.in2 = ConvLayer(channels, channels, 3), nn.InstanceNorm2d(channels, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.in2(self.conv2(F.relu(self.in1(self.conv1(x)))))
+        return x + self.in2(self.conv2(F.relu(self.in1(self.conv1(x)), True)))
 
 
 class UpsampleConv(nn.Module):
@@ -91,12 +91,12 @@ class TransformerNet(nn.Module):
         h, w = x.shape[-2:]
         if min(h, w) < MIN_SIDE:
             raise ValueError(f"image of {h}x{w} pixels is too small: both sides must be >= {MIN_SIDE}")
-        y1 = F.relu(self.in1(self.conv1(x)))    # (B, 32, H, W)
-        y2 = F.relu(self.in2(self.conv2(y1)))   # (B, 64, ceil(H/2), ceil(W/2))
-        y3 = F.relu(self.in3(self.conv3(y2)))   # (B, 128, ceil(H/4), ceil(W/4))
+        y1 = F.relu(self.in1(self.conv1(x)), True)    # (B, 32, H, W)
+        y2 = F.relu(self.in2(self.conv2(y1)), True)   # (B, 64, ceil(H/2), ceil(W/2))
+        y3 = F.relu(self.in3(self.conv3(y2)), True)   # (B, 128, ceil(H/4), ceil(W/4))
         y = self.res(y3)
-        y = F.relu(self.in4(self.up1(y, y2.shape[-2:])))  # back to (B, 64, ceil(H/2), ceil(W/2))
-        y = F.relu(self.in5(self.up2(y, (h, w))))         # (B, 32, H, W)
+        y = F.relu(self.in4(self.up1(y, y2.shape[-2:])), True)  # back to (B, 64, ceil(H/2), ceil(W/2))
+        y = F.relu(self.in5(self.up2(y, (h, w))), True)         # (B, 32, H, W)
         return self.conv_out(y)                           # (B, 3, H, W)
 
 
