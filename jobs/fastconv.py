@@ -15,9 +15,11 @@ a bf16 machine, a GPU or a converted model moved to CUDA loses nothing. The back
 gradient through NNPACK too (a convolution with the rotated kernel) and weight and bias gradients
 through PyTorch's own kernel, so frozen networks (Gatys' VGG) and trained ones both work.
 
-Where it is used: the Gatys VGG and the served style networks (one image at a time). Not for the
-classifier or for training the CIFAR networks: ResNet-18 at 224 px ran at half the speed at batch 1
-and the small CIFAR network's training step was 1.6x slower (small maps, batched algorithm).
+Where it is used: the Gatys VGG, the served style networks and feed-forward style training (the
+network and its VGG loss; a batch goes through NNPACK one image at a time, see `_nnpack`). Not for
+the classifier or the CIFAR networks: ResNet-18 at 224 px ran at half the speed at batch 1 (its 7x7
+and 14x14 layers are slower through NNPACK) and the small CIFAR network's training step (32 px maps,
+weight gradients on PyTorch's NCHW kernel) was 1.6x slower than channels_last.
 NNPACK's thread pool is sized once per process, by `torch.get_num_threads()` at its first
 convolution: set the thread count before the first forward (Serve replicas and Ray tasks do).
 """
@@ -78,7 +80,13 @@ def eligible(conv: nn.Module) -> bool:
 
 
 def _nnpack(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding) -> torch.Tensor:
-    return torch._nnpack_spatial_convolution(x.contiguous(), weight.contiguous(), bias, list(padding), [1, 1])
+    """One image at a time: for a batch torch calls NNPACK's batched algorithm, which measured 2-2.3x
+    slower per image than its one-image (inference) one for 3x3 layers at 32-256 px, 64-512 channels."""
+    x, weight, padding = x.contiguous(), weight.contiguous(), list(padding)
+    if len(x) == 1:
+        return torch._nnpack_spatial_convolution(x, weight, bias, padding, [1, 1])
+    return torch.cat([torch._nnpack_spatial_convolution(x[i:i + 1], weight, bias, padding, [1, 1])
+                      for i in range(len(x))])
 
 
 class _Conv(torch.autograd.Function):

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from jobs import precision
+from jobs import fastconv, precision
 from jobs.airbench import TTA, Lookahead
 from jobs.budget import StepPlan
 from jobs.transforms import resize_square
@@ -158,10 +158,13 @@ def train(cfg, job, session, rank: int, world: int, device: torch.device) -> lis
     precision.compile_model(model, compile_mode)  # in place, before DDP wraps it
     # what was chosen, where it runs: into every checkpoint's meta (so result.json's "meta") and printed
     cpu = precision.cpu_features()
-    setup.meta.update({"cpu": cpu, "precision": amp.name, "compile": compile_mode, "device": str(device)})
+    convolutions = fastconv.describe(model, device, amp.dtype)  # "winograd" where build_setup converted layers
+    setup.meta.update({"cpu": cpu, "precision": amp.name, "compile": compile_mode, "convolutions": convolutions,
+                       "device": str(device)})
     if rank == 0:
         print(f"{cfg.name}: {precision.describe_cpu(cpu)}; precision {amp.name} "
-              f"(--precision {getattr(cfg, 'precision', 'auto')} on {device}); compile {compile_mode}", flush=True)
+              f"(--precision {getattr(cfg, 'precision', 'auto')} on {device}); compile {compile_mode}; "
+              f"convolutions {convolutions}", flush=True)
     history, saved_plan = restore(session, setup, device)
     if history and rank == 0:
         print(f"{cfg.name}: resuming from the checkpoint after epoch {len(history)}", flush=True)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from ray import serve
 
+from jobs import fastconv
 from jobs import fast_style
 from jobs.artifact import save_artifact
 from jobs.data import load_content_images
@@ -159,6 +160,8 @@ def test_tiny_ddp_training_lowers_the_loss_and_writes_outputs(trained):
     result = json.loads((run / "result.json").read_text())
     history = result["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3] and result["config"]["num_workers"] == 2
+    # fp32 on this CPU (training's precision "auto"): NNPACK's kernels where this torch has them
+    assert result["meta"]["convolutions"] == ("winograd" if fastconv.available() else "default")
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"], history
     assert history[-1]["test_loss"] < history[0]["test_loss"], history
     for key in ("train_content", "train_style", "train_tv", "test_content", "test_style", "test_tv"):

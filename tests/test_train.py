@@ -67,9 +67,10 @@ def test_loop_takes_any_session_resolves_precision_on_the_worker_and_resumes(tmp
     # rank 0 says what it found and chose; the checkpoint's meta (result.json's "meta") records it
     out = capsys.readouterr().out
     assert "loop: cpu: AVX2 yes" in out or "loop: cpu: AVX2 no" in out
-    assert "; precision bf16 (--precision bf16 on cpu); compile none" in out
+    assert "; precision bf16 (--precision bf16 on cpu); compile none; convolutions default" in out
     meta = torch.load(Path(session.checkpoint.path) / loop.CHECKPOINT_FILE, weights_only=True)["meta"]
     assert meta["precision"] == "bf16" and meta["device"] == "cpu" and meta["compile"] == "none"
+    assert meta["convolutions"] == "default"  # only the style jobs convert layers (jobs.fastconv)
     assert {"avx2", "avx512", "avx512_bf16", "amx", "native_bf16", "capability"} <= set(meta["cpu"])
     for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
         assert 0 <= history[-1][key] < 10, key
