@@ -116,6 +116,40 @@ def gatys(content: Image.Image, style: Image.Image, size: int, steps: int, repea
             "extrapolated_500_s": statistics.median(r["extrapolated_500_s"] for r in runs)}
 
 
+def train_steps(style: Image.Image, steps: int, batch: int, size: int, weights: str) -> dict:
+    """Seconds per feed-forward training step (jobs.fast_style.perceptual_step, backward, Adam) at `batch` x
+    `size` px, with PyTorch's convolutions and with NNPACK's (network and VGG converted), alternating;
+    the first step of each is left out."""
+    from jobs.fast_style import perceptual_step
+    from jobs.vgg import VGGFeatures, load_vgg
+
+    scfg = S.StyleConfig(weights=weights)
+    layers = sorted(set(scfg.content_layers + scfg.style_layers))
+    extractor = VGGFeatures(load_vgg(weights, 0), max(layers))
+    style_x = S.preprocess(style, [size, size])
+    with torch.no_grad():
+        grams = {i: S.gram(f) for i, f in extractor(style_x, layers).items() if i in scfg.style_layers}
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    setups = {}
+    for name in ("default", "winograd"):
+        model, ext = TransformerNet(), copy.deepcopy(extractor)
+        if name == "winograd":
+            fastconv.winograd_convs(model)
+            fastconv.winograd_convs(ext)
+        setups[name] = (model, ext, torch.optim.Adam(model.parameters(), lr=1e-3))
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in range(steps + 1):
+        for name, (model, ext, opt) in setups.items():
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            perceptual_step(model, ext, grams, scfg, x)[0].backward()
+            opt.step()
+            times[name].append(time.perf_counter() - t0)
+    out = {name: {"median_s": statistics.median(t[1:]), "times_s": t[1:]} for name, t in times.items()}
+    out.update(batch=batch, size=size, speedup=out["default"]["median_s"] / out["winograd"]["median_s"])
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--content", default=os.path.join(DATA, "rainier.jpg"), help="content image")
@@ -130,6 +164,8 @@ def main() -> None:
     p.add_argument("--gatys-repeats", type=int, default=3)
     p.add_argument("--variants", help=f"comma-separated, of {', '.join(VARIANTS)} (default: all, without the bf16 "
                    "ones on a CPU without native bf16, where one emulated call takes over 30 s)")
+    p.add_argument("--train-steps", type=int, default=0, help="also time this many feed-forward training steps "
+                   "(batch 4, 256 px) with PyTorch's and NNPACK's convolutions (0: skip)")
     p.add_argument("--out", default="results/fast_style_bench.json", help="JSON with every timing")
     args = p.parse_args()
     variants = args.variants.split(",") if args.variants else [
@@ -151,6 +187,10 @@ def main() -> None:
         print(f"feed-forward {variant}: median {r['median_s']:.3f} s wall, {r['median_cpu_s']:.3f} s CPU "
               f"over {args.repeats}", flush=True)
         result["feed_forward"].append(r)
+    if args.train_steps:
+        result["train_step"] = t = train_steps(style, args.train_steps, 4, 256, args.weights)
+        print(f"training step (batch 4, 256 px): default {t['default']['median_s']:.2f} s, winograd "
+              f"{t['winograd']['median_s']:.2f} s, x{t['speedup']:.2f}", flush=True)
     result["gatys"] = gatys(content, style, args.size, args.gatys_steps, args.gatys_repeats, args.weights)
     g = result["gatys"]
     print(f"gatys: median step {g['median_step_s']:.2f} s wall ({g['median_cpu_per_step_s']:.2f} s CPU per step "
