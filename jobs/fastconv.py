@@ -125,9 +125,11 @@ class WinogradConv2d(nn.Conv2d):
 
 
 def runs(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `conv` computes `x` through NNPACK: a converted layer, fp32 work on a CPU outside autocast,
+    """Whether `conv` computes `x` through NNPACK: a converted layer, fp32 work on a CPU outside autocast and
+    outside torch.compile (whose tracer cannot run NNPACK's op: a compiled model keeps inductor's kernels),
     a 4-D input, and a padding below the kernel size (NNPACK's limit)."""
-    return (isinstance(conv, WinogradConv2d) and _state["enabled"] and x.dim() == 4 and x.device.type == "cpu"
+    return (isinstance(conv, WinogradConv2d) and _state["enabled"] and not torch.compiler.is_compiling()
+            and x.dim() == 4 and x.device.type == "cpu"
             and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and available()
             and all(p < k for p, k in zip(conv.padding, conv.kernel_size)))

@@ -158,7 +158,8 @@ def train(cfg, job, session, rank: int, world: int, device: torch.device) -> lis
     precision.compile_model(model, compile_mode)  # in place, before DDP wraps it
     # what was chosen, where it runs: into every checkpoint's meta (so result.json's "meta") and printed
     cpu = precision.cpu_features()
-    convolutions = fastconv.describe(model, device, amp.dtype)  # "winograd" where build_setup converted layers
+    # "winograd" where build_setup converted layers and nothing compiles them (fastconv.runs)
+    convolutions = fastconv.describe(model, device, amp.dtype) if compile_mode == "none" else "default"
     setup.meta.update({"cpu": cpu, "precision": amp.name, "compile": compile_mode, "convolutions": convolutions,
                        "device": str(device)})
     if rank == 0:

@@ -154,3 +154,15 @@ def test_gatys_extractor_is_winograd_in_fp32_on_cpu_and_channels_last_otherwise(
     sum(a[i].square().mean() for i in layers).backward()
     sum(b[i].square().mean() for i in layers).backward()
     assert close(x.grad, x_ref.grad, 1e-3)
+
+
+@needs_nnpack
+@pytest.mark.slow  # compiles (~10 s)
+def test_a_compiled_model_keeps_inductors_kernels():
+    """torch.compile's tracer cannot run NNPACK's op: converted layers trace as nn.Conv2d."""
+    torch.manual_seed(0)
+    ref = nn.Conv2d(16, 8, 3, padding=1)
+    conv = converted(ref)
+    x = torch.randn(2, 16, 10, 12)
+    compiled = torch.compile(conv)
+    assert close(compiled(x), ref(x))
