@@ -4,9 +4,9 @@ A 3x3 convolution computed directly costs 9 multiply-adds per output and input c
 Winograd transform (F(6x6, 3x3) on x86 AVX2 and ARM NEON) needs about a quarter of that, and its FFT
 path does larger kernels (up to 16x16) with less still. PyTorch ships NNPACK but only picks it for
 batches of 16 or more, never for the one-image forwards and backwards of style transfer. Measured on
-a 2-core AVX2 CPU in fp32 (BENCHMARKS.md, "Winograd convolutions"): 2.0-3.0x per layer for the style
-network's 128-channel residual convolutions and VGG-19's 64-512 channel layers, 1.6-3.8x for 9x9 ones;
-stride-2 convolutions and 3-channel 3x3 inputs were slower, so they stay on the default kernels.
+a 2-core AVX2 CPU in fp32 (`bench/winograd_layers.py`, BENCHMARKS.md): 1.4-3.2x per layer for VGG-19's
+64-512 channel layers, ~2x for the style network's 128-channel residual ones, 1.6-2.4x for its 9x9
+ones; stride-2 convolutions and 3x3 ones on 3 input channels were slower, so they stay on PyTorch's.
 
 `winograd_convs(model)` turns a model's eligible `nn.Conv2d` layers into `WinogradConv2d` in place
 (same parameters, state-dict keys and outputs up to float rounding). Each call still checks that the
