@@ -34,6 +34,9 @@ from torch import nn
 
 MAX_KERNEL = 16  # NNPACK's limit
 MIN_TAPS = 64  # in_channels * kh * kw below this (a 3x3 on 3 channels) measured slower than direct
+# NNPACK transforms the whole kernel at every call, which small maps do not repay: 3x3, 256-512 channels,
+# 1 thread, output 8x8 0.47-0.49x, 12x12 0.88-0.94x, 16x16 1.33-1.37x PyTorch's speed (64 channels: 1.5x at 12x12)
+MIN_OUTPUT_PIXELS = 256
 _state = {"enabled": True}
 
 
@@ -127,12 +130,14 @@ class WinogradConv2d(nn.Conv2d):
 def runs(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether `conv` computes `x` through NNPACK: a converted layer, fp32 work on a CPU outside autocast and
     outside torch.compile (whose tracer cannot run NNPACK's op: a compiled model keeps inductor's kernels),
-    a 4-D input, and a padding below the kernel size (NNPACK's limit)."""
-    return (isinstance(conv, WinogradConv2d) and _state["enabled"] and not torch.compiler.is_compiling()
-            and x.dim() == 4 and x.device.type == "cpu"
-            and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and available()
-            and all(p < k for p, k in zip(conv.padding, conv.kernel_size)))
+    a 4-D input with an output of at least MIN_OUTPUT_PIXELS, and a padding below the kernel size (NNPACK's
+    limit)."""
+    if not (isinstance(conv, WinogradConv2d) and _state["enabled"] and not torch.compiler.is_compiling()
+            and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
+            and conv.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and available()):
+        return False
+    out = [n + 2 * p - k + 1 for n, p, k in zip(x.shape[-2:], conv.padding, conv.kernel_size)]
+    return out[0] * out[1] >= MIN_OUTPUT_PIXELS and all(p < k for p, k in zip(conv.padding, conv.kernel_size))
 
 
 def upsample2_conv3x3(x: torch.Tensor, conv: WinogradConv2d) -> torch.Tensor:

@@ -30,14 +30,15 @@ def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
 
 @needs_nnpack
 @pytest.mark.parametrize("c_in,c_out,k,pad,batch,h,w", [
-    (16, 8, 3, 1, 1, 13, 17), (64, 32, 3, 1, 2, 9, 6), (3, 8, 9, 0, 1, 20, 15), (8, 3, 9, 4, 2, 12, 12),
-    (32, 16, 5, 2, 1, 2, 3)])
+    (16, 8, 3, 1, 1, 17, 19), (64, 32, 3, 1, 2, 16, 20), (3, 8, 9, 0, 1, 28, 24), (8, 3, 9, 4, 2, 18, 18),
+    (32, 16, 5, 2, 1, 16, 17)])
 def test_same_map_and_gradients_as_conv2d(c_in, c_out, k, pad, batch, h, w):
     torch.manual_seed(0)
     ref = nn.Conv2d(c_in, c_out, k, padding=pad)
     conv = converted(ref)
     x = torch.randn(batch, c_in, h, w, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
+    assert fastconv.runs(conv, x)  # NNPACK's path, not the fallback
     y, y_ref = conv(x), ref(x_ref)
     assert y.shape == y_ref.shape and close(y, y_ref)
     g = torch.randn_like(y)
@@ -50,7 +51,8 @@ def test_same_map_and_gradients_as_conv2d(c_in, c_out, k, pad, batch, h, w):
 @needs_nnpack
 def test_frozen_weights_give_only_the_input_gradient():
     conv = converted(nn.Conv2d(16, 16, 3, padding=1)).requires_grad_(False)
-    x = torch.randn(1, 16, 8, 8, requires_grad=True)
+    x = torch.randn(1, 16, 16, 16, requires_grad=True)
+    assert fastconv.runs(conv, x)
     conv(x).square().sum().backward()
     assert x.grad is not None and conv.weight.grad is None and conv.bias.grad is None
 
@@ -78,7 +80,7 @@ def test_only_layers_nnpack_computes_faster_convert():
 @needs_nnpack
 def test_other_precisions_devices_and_disabled_run_the_default_kernels(monkeypatch):
     conv = converted(nn.Conv2d(16, 16, 3, padding=1))
-    x = torch.randn(1, 16, 8, 8)
+    x = torch.randn(1, 16, 16, 16)
     calls = []
     monkeypatch.setattr(fastconv._Conv, "apply", lambda *a: calls.append(1) or F.conv2d(a[0], a[1], a[2], 1, a[3]))
     conv(x)
@@ -87,8 +89,9 @@ def test_other_precisions_devices_and_disabled_run_the_default_kernels(monkeypat
         assert conv(x).dtype == torch.bfloat16
     with fastconv.disabled():
         conv(x)
+    conv(x[..., :12, :12])  # a 12x12 output: NNPACK's kernel transform costs more than it saves
     conv.double()(x.double())
-    assert calls == [1]  # bf16 autocast, disabled() and fp64 took nn.Conv2d's path
+    assert calls == [1]  # bf16 autocast, disabled(), a small map and fp64 took nn.Conv2d's path
     assert fastconv.applies("cpu", None) and not fastconv.applies("cpu", torch.bfloat16)
     assert not fastconv.applies("cuda", None)
     with fastconv.disabled():
@@ -96,7 +99,7 @@ def test_other_precisions_devices_and_disabled_run_the_default_kernels(monkeypat
 
 
 @needs_nnpack
-@pytest.mark.parametrize("h,w", [(6, 9), (1, 2), (16, 16)])
+@pytest.mark.parametrize("h,w", [(6, 9), (1, 2), (18, 16)])
 def test_upsample_conv_phases_equal_upsample_then_conv(h, w):
     """The four-phase form against nearest 2x upsampling, reflection padding and a 3x3 conv: map and
     every gradient."""
@@ -146,7 +149,7 @@ def test_gatys_extractor_is_winograd_in_fp32_on_cpu_and_channels_last_otherwise(
     for e in (plain, bf16):
         assert S.conv_kernels(e, "fp32") == "default"
         assert e.layers[2].weight.is_contiguous(memory_format=torch.channels_last)
-    x = torch.randn(1, 3, 24, 32, requires_grad=True)
+    x = torch.randn(1, 3, 40, 48, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     layers = [0, 5, 10]
     a, b = ext(x, layers), plain(x_ref, layers)
