@@ -74,8 +74,9 @@ class StyleConfig(StyleLosses):
     seed: int = option(0, "seed for noise init and random weights", min=0, max=2**63 - 1)
     device: str = option("cpu", "cpu, cuda, cuda:N or auto (single mode)")
     channels_last: bool = option(True, "channels_last VGG (same math, faster convolutions) where --winograd does not run")
-    winograd: bool = option(True, "fp32 on a CPU: the VGG's stride-1 convolutions through NNPACK's Winograd/FFT "
-                            "kernels (same math up to float rounding, fewer multiplies; the VGG runs NCHW then)")
+    winograd: bool = option(True, "fp32 on a CPU, working sizes from 96x96: the VGG's stride-1 convolutions through "
+                            "NNPACK's Winograd/FFT kernels (same math up to float rounding, fewer multiplies; the "
+                            "VGG runs NCHW then)")
     precision: str = option("auto", "VGG arithmetic (losses are fp32): auto = bf16 where it is native (a CPU with "
                             "AVX-512 BF16 or AMX, a GPU with bf16), else fp32", choices=("auto", "fp32", "bf16"))
     max_pixels: int = option(MAX_PIXELS, "refuse input images and working sizes with more pixels", min=1)
@@ -152,14 +153,25 @@ def postprocess(x: torch.Tensor) -> Image.Image:
 
 # ----------------------------------------------------------------------------- VGG features
 
+# the smallest working scale (H x W pixels) from which the VGG runs Winograd convolutions: they need NCHW,
+# and below ~64x64 PyTorch's channels_last kernels were faster (1 thread, per step: 16 px 56 vs 76 ms,
+# 32 px 89 vs 97-138 ms, 64 px 224-329 vs 237-280 ms, 96 px 460-470 vs 341-381 ms, 128 px 1.1-1.3 vs 0.6 s)
+WINOGRAD_MIN_PIXELS = 96 * 96
+
+
+def winograd_wanted(cfg: StyleConfig) -> bool:
+    """`cfg.winograd`, and a smallest working scale of at least WINOGRAD_MIN_PIXELS."""
+    return cfg.winograd and min(cfg.scales) ** 2 * cfg.size[0] * cfg.size[1] >= WINOGRAD_MIN_PIXELS
+
+
 def build_extractor(cfg: StyleConfig, features: nn.Sequential | None = None) -> VGGFeatures:
-    """The extractor for `cfg`'s layers, on `cfg.device`: Winograd convolutions (NCHW) where `cfg.winograd`
-    and its precision is fp32 on a CPU, else in `cfg`'s memory format. Converted layers still run the
-    default kernels for work in another precision (a job with its own --precision on a shared extractor)."""
+    """The extractor for `cfg`'s layers, on `cfg.device`: Winograd convolutions (NCHW) where
+    `winograd_wanted(cfg)` and its precision is fp32 on a CPU, else in `cfg`'s memory format. Converted
+    layers still run the default kernels for work in another precision or on small maps."""
     features = features if features is not None else load_vgg(cfg.weights, cfg.seed)
     device = resolve_device(cfg.device)
     ext = VGGFeatures(features, max(cfg.content_layers + cfg.style_layers)).to(device)
-    if cfg.winograd and fastconv.applies(device, autocast_dtype(cfg.precision, device, "gatys")):
+    if winograd_wanted(cfg) and fastconv.applies(device, autocast_dtype(cfg.precision, device, "gatys")):
         fastconv.winograd_convs(ext)
     elif cfg.channels_last:
         ext = ext.to(memory_format=torch.channels_last)
@@ -175,7 +187,8 @@ def conv_kernels(extractor: VGGFeatures, precision: str) -> str:
 @lru_cache(maxsize=2)
 def cached_extractor(weights: str, seed: int, device: str, last_layer: int, channels_last: bool,
                      precision: str = "auto", winograd: bool = True) -> VGGFeatures:
-    """One extractor per process and setting: Ray workers reuse it across tasks."""
+    """One extractor per process and setting: Ray workers reuse it across tasks (pass `winograd_wanted(cfg)`
+    as `winograd`: the extractor is built at the default working size)."""
     cfg = StyleConfig(weights=weights, seed=seed, device=device, channels_last=channels_last, precision=precision,
                       winograd=winograd, content_layers=[last_layer], style_layers=[last_layer])
     return build_extractor(cfg)

@@ -23,7 +23,7 @@ from jobs.outputs import figure
 from jobs.images import contact_sheet, load_image
 from jobs.precision import autocast_dtype, cpu_features, describe_cpu, dtype_name
 from jobs.style import (StyleConfig, build_extractor, cached_extractor, config_dict, conv_kernels, resolve_device,
-                        stylize)
+                        stylize, winograd_wanted)
 from jobs.vgg import RANDOM_WEIGHTS_WARNING
 
 
@@ -106,7 +106,7 @@ def stylize_pair(content_bytes: bytes, style_bytes: bytes, cfg_dict: dict) -> tu
     """Ray task body: one pair -> (PNG bytes, history, seconds, convolutions). VGG is loaded once per worker."""
     cfg = StyleConfig(**cfg_dict)
     ext = cached_extractor(cfg.weights, cfg.seed, cfg.device, max(cfg.content_layers + cfg.style_layers),
-                           cfg.channels_last, cfg.precision, cfg.winograd)
+                           cfg.channels_last, cfg.precision, winograd_wanted(cfg))
     t0 = time.perf_counter()
     image, history = stylize(content_bytes, style_bytes, cfg, extractor=ext)
     buf = io.BytesIO()

@@ -26,7 +26,7 @@ from jobs.cli import UserError, init_ray, run_cli
 from jobs.config import load_config
 from jobs.outputs import figure
 from jobs.images import contact_sheet, load_image
-from jobs.style import StyleConfig, cached_extractor, distances, stylize
+from jobs.style import StyleConfig, cached_extractor, distances, stylize, winograd_wanted
 from jobs.vgg import RANDOM_WEIGHTS_WARNING
 from jobs.style_cli import build_parser as style_parser
 from tune.sweep import (OutputDir, check_restore, format_table, pareto_front, read_sweep_file, sweep_path,
@@ -46,7 +46,7 @@ def style_trial(config: dict[str, Any], content: bytes, style: bytes) -> None:
     cfg = StyleConfig(**{**config["base"], **{k: config[k] for k in WEIGHTS}})
     last = max([*cfg.content_layers, *cfg.style_layers, *CONTENT_LAYERS, *STYLE_LAYERS])
     extractor = cached_extractor(cfg.weights, cfg.seed, cfg.device, last, cfg.channels_last, cfg.precision,
-                                 cfg.winograd)
+                                 winograd_wanted(cfg))
     image, history = stylize(content, style, cfg, extractor=extractor)
     measured = distances(image, content, style, extractor, size=cfg.size, content_layers=CONTENT_LAYERS,
                          style_layers=STYLE_LAYERS, precision=cfg.precision)
