@@ -30,8 +30,11 @@ def run_job(job: str | ModuleType, cfg, address: str | None = None) -> tuple[dic
 
     check_storage(cfg)
     print("config:", dataclasses.asdict(cfg), flush=True)
-    init_ray(address)
-    return fit(job, cfg), run_dir(cfg)
+    summary = finished_run(cfg)  # a re-run of a finished run needs no Ray
+    if summary is None:
+        init_ray(address)
+        summary = fit(job, cfg)
+    return summary, run_dir(cfg)
 
 
 def run_from_cli(job: str, argv: list[str] | None = None):
@@ -52,21 +55,24 @@ def run_from_cli(job: str, argv: list[str] | None = None):
 def fit(job: str | ModuleType, cfg, max_failures: int = 3, callbacks: Iterable[Any] = ()) -> dict[str, Any]:
     """Run job module `job` with config `cfg` on Ray Train; write and return `result.json`'s content.
 
-    Re-running with the same storage_path and name resumes from the latest checkpoint.
-    `callbacks` go to Ray Train's RunConfig (a Tune sweep passes `TuneReportCallback()` so that
+    Re-running with the same storage_path and name resumes from the latest checkpoint; a run that
+    finished with the same config returns at once (`finished_run`). `callbacks` go to Ray Train's RunConfig (a Tune sweep passes `TuneReportCallback()` so that
     every epoch's report reaches its scheduler).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     out = check_storage(cfg)
+    callbacks = list(callbacks)
+    done = None if callbacks else finished_run(cfg)  # a sweep's trials report every epoch to Tune: always run
+    if done is not None:
+        return done
     check_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
     if hasattr(cfg, "data_mode"):
         from jobs.stream import check_decode_cpus
 
         check_decode_cpus(cfg)
-    # the workers do not run in this directory: they get absolute paths (previews go into the run dir)
-    cfg = absolute_paths(cfg if is_uri(out) else dataclasses.replace(cfg, storage_path=str(out.parent)))
+    cfg = worker_config(cfg, out)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job if isinstance(job, str) else job.__name__, "config": dataclasses.asdict(cfg)},
@@ -79,7 +85,7 @@ def fit(job: str | ModuleType, cfg, max_failures: int = 3, callbacks: Iterable[A
             name=cfg.name, storage_path=cfg.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=list(callbacks)),
+            callbacks=callbacks),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -89,6 +95,44 @@ def fit(job: str | ModuleType, cfg, max_failures: int = 3, callbacks: Iterable[A
     history = state["history"]
     summary = {**history[-1], "epochs": len(history), "config": dataclasses.asdict(cfg), "history": history,
                "plan": state.get("plan"), "checkpoint": result.checkpoint.path, "meta": state["meta"]}
+    outputs.write_outputs(out, summary, state)
+    return summary
+
+
+def worker_config(cfg, out: Path | str):
+    """The config the workers get (and result.json records): absolute paths, since the workers do not
+    run in this directory (previews go into the run dir)."""
+    return absolute_paths(cfg if is_uri(out) else dataclasses.replace(cfg, storage_path=str(out.parent)))
+
+
+def finished_run(cfg) -> dict[str, Any] | None:
+    """result.json's content when the run `<storage_path>/<name>` already finished with exactly this
+    config and its checkpoint is still the run's newest; its outputs are written again from that
+    checkpoint, as `fit` would, without starting Ray Train (which would restore the checkpoint, find
+    nothing left to train and return it). None otherwise: any changed setting (more epochs, another
+    learning rate) trains from the newest checkpoint as before. Local storage only."""
+    import json
+
+    out = run_dir(cfg)
+    if is_uri(out):
+        return None
+    try:
+        summary = json.loads((out / "result.json").read_text())
+        checkpoint = Path(summary["checkpoint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    wanted = json.loads(json.dumps(dataclasses.asdict(worker_config(cfg, out)), default=str))
+    newest = max((p for p in out.glob("checkpoint_*") if p.is_dir()), default=None)
+    if summary.get("config") != wanted or newest is None or checkpoint.resolve() != newest.resolve():
+        return None
+    try:
+        state = torch.load(checkpoint / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError):
+        return None
+    if json.loads(json.dumps(state["history"], default=str)) != summary["history"]:
+        return None
+    print(f"{cfg.name}: finished earlier with this config ({out / 'result.json'}, {checkpoint.name}): "
+          "not training again (change a setting, e.g. --epochs, to continue, or --name to start anew)", flush=True)
     outputs.write_outputs(out, summary, state)
     return summary
 

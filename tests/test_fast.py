@@ -1,5 +1,6 @@
 """The fast CIFAR-10 recipe and time budgets: the network, whitening, the recipe's pieces, and
 budgeted runs end to end on Ray Train (2 workers, gloo)."""
+import dataclasses
 import json
 import time
 
@@ -265,7 +266,7 @@ def test_fast_recipe_config_defaults_and_overrides():
 
 
 @pytest.mark.slow
-def test_time_budget_stops_on_time_and_learns(local_ray, tmp_path):
+def test_time_budget_stops_on_time_and_learns(local_ray, tmp_path, capsys):
     budget = 15.0
     # 32 steps an epoch, so that the budget holds a few epochs, not dozens of reports and checkpoints
     cfg = Config(**{**FAST_TINY, "data": "synthetic:4096"}, time_budget=budget, eval_every=0,
@@ -275,6 +276,7 @@ def test_time_budget_stops_on_time_and_learns(local_ray, tmp_path):
     wall = time.perf_counter() - t0
     result = json.loads((tmp_path / "budget" / "result.json").read_text())
     assert result["test_acc"] == summary["test_acc"] and result["plan"]["fixed"]
+    checkpoints = sorted(p.name for p in (tmp_path / "budget").glob("checkpoint_*") if p.is_dir())
     # training stopped within a few seconds of the budget, and no later than it allows
     assert budget - 5 <= result["train_time_s"] <= budget + 3, result["train_time_s"]
     assert wall < budget + 300  # plus Ray start-up, data and one evaluation: generous for a loaded machine
@@ -285,9 +287,14 @@ def test_time_budget_stops_on_time_and_learns(local_ray, tmp_path):
     assert all(h["test_acc"] is None for h in result["history"][:-1])
     # 4 balanced classes: chance is 0.25
     assert summary["test_acc"] > 0.6, summary["history"]
-    # re-running the finished budgeted run returns its result without training again
+    # re-running the finished budgeted run returns its result without starting Ray Train again
+    capsys.readouterr()
     again = driver.fit("jobs.augment", cfg)
-    assert again["history"] == summary["history"]
+    assert again["history"] == summary["history"] and again["checkpoint"] == summary["checkpoint"]
+    assert "budget: finished earlier with this config" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "budget").glob("checkpoint_*") if p.is_dir()) == checkpoints  # nothing new
+    # a changed setting is not the finished run: it goes through Ray Train (and resumes there)
+    assert driver.finished_run(dataclasses.replace(cfg, seed=cfg.seed + 1)) is None
 
 
 @pytest.mark.slow  # trains 16 steps (~12 s)

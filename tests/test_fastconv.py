@@ -160,12 +160,22 @@ def test_gatys_extractor_is_winograd_in_fp32_on_cpu_and_channels_last_otherwise(
 
 
 @needs_nnpack
-@pytest.mark.slow  # compiles (~10 s)
 def test_a_compiled_model_keeps_inductors_kernels():
-    """torch.compile's tracer cannot run NNPACK's op: converted layers trace as nn.Conv2d."""
+    """torch.compile's tracer cannot run NNPACK's op: converted layers trace as nn.Conv2d. The graph
+    Dynamo hands its backend (recorded here instead of compiled by inductor) holds conv2d, no NNPACK."""
     torch.manual_seed(0)
     ref = nn.Conv2d(16, 8, 3, padding=1)
     conv = converted(ref)
-    x = torch.randn(2, 16, 10, 12)
-    compiled = torch.compile(conv)
+    x = torch.randn(2, 16, 20, 20)  # 400 output pixels: eager runs NNPACK at this size
+    assert fastconv.runs(conv, x)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(conv, backend=record, fullgraph=True)
     assert close(compiled(x), ref(x))
+    code = "".join(g.code for g in graphs)
+    assert len(graphs) == 1 and "conv2d" in code and "nnpack" not in code.lower(), code
