@@ -83,36 +83,6 @@ def test_loop_takes_any_session_resolves_precision_on_the_worker_and_resumes(tmp
     assert history[:2] == session.reports and history[-1]["steps"] == 3 * 2
 
 
-def test_two_worker_ddp_learns_and_writes_outputs(local_ray, tmp_path):
-    cfg = Config(**TINY, epochs=3, storage_path=str(tmp_path), name="learn")
-    summary = driver.fit("jobs.augment", cfg)
-    out = tmp_path / "learn"
-    result = json.loads((out / "result.json").read_text())
-    for key in ("train_loss", "train_acc", "test_acc", "examples_per_sec", "epochs", "config"):
-        assert key in result
-    assert result["epochs"] == 3 and result["config"]["num_workers"] == 2
-    assert result["precision"] == "fp32"  # "auto" trains in fp32 on a CPU, resolved on the workers
-    assert (out / "curves.png").stat().st_size > 1000
-    # 4 balanced classes: chance is 0.25
-    assert summary["test_acc"] > 0.6, summary["history"]
-    # the servable artifact predicts as the trained model, through the serving preprocessing
-    import torch
-    from PIL import Image
-    from jobs.artifact import load_artifact
-    from jobs.data import load_image_data
-    model, classes, preset, manifest = load_artifact(out / "model")
-    assert classes == ["square", "hbar", "vbar", "cross"] and manifest["metrics"]["test_acc"] == summary["test_acc"]
-    data = load_image_data("synthetic:1024", tmp_path, image_size=16)
-    pil = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in data.test_x[:64]]
-    served = torch.stack([preset.eval_transform()(im) for im in pil])
-    torch.testing.assert_close(served, data.test_x[:64].float() / 255)
-    with torch.no_grad():
-        acc = (model(served).argmax(1) == data.test_y[:64]).float().mean().item()
-    assert acc > 0.5
-    # the metric is over the whole test set (256 images), not one rank's half
-    assert summary["history"][-1]["test_acc"] * 256 == pytest.approx(round(summary["test_acc"] * 256))
-
-
 def kill_a_train_worker_after_first_checkpoint(state_api, run):
     """Once Ray Train has registered the run's first checkpoint (its checkpoint manager then lists it
     in checkpoint_manager_snapshot.json in the run directory), SIGKILL one live Train worker process,
@@ -168,18 +138,44 @@ def _write_image_folder(root, n_train=256, n_test=64, size=16):
             Image.fromarray(x.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
 
 
-def test_rerun_with_same_name_resumes_with_relative_paths(local_ray, tmp_path, monkeypatch):
+def test_two_worker_ddp_learns_writes_outputs_and_a_rerun_resumes(local_ray, tmp_path, monkeypatch):
     # relative --data / --data-root / --storage-path, as a user types them: the workers do not
     # run in the driver's directory, so the driver must hand them absolute paths
     monkeypatch.chdir(tmp_path)
-    _write_image_folder(tmp_path / "set")
-    tiny = {**TINY, "data": "set", "data_root": "cache", "storage_path": "runs", "name": "resume"}
-    first = driver.fit("jobs.augment", Config(**tiny, epochs=1))
-    second = driver.fit("jobs.augment", Config(**tiny, epochs=2))
-    assert len(second["history"]) == 2
-    assert second["history"][0] == first["history"][0]  # epoch 1 was not run again
-    assert (tmp_path / "runs" / "resume" / "result.json").exists()
+    _write_image_folder(tmp_path / "set", n_train=1024, n_test=256)
+    tiny = {**TINY, "data": "set", "data_root": "cache", "storage_path": "runs", "name": "learn"}
+    summary = driver.fit("jobs.augment", Config(**tiny, epochs=3))
+    out = tmp_path / "runs" / "learn"
+    result = json.loads((out / "result.json").read_text())
+    for key in ("train_loss", "train_acc", "test_acc", "examples_per_sec", "epochs", "config"):
+        assert key in result
+    assert result["epochs"] == 3 and result["config"]["num_workers"] == 2
+    assert result["precision"] == "fp32"  # "auto" trains in fp32 on a CPU, resolved on the workers
+    assert (out / "curves.png").stat().st_size > 1000
     assert list((tmp_path / "cache" / "cache").glob("set-*.pt"))  # the decode cache landed in --data-root
+    # 4 balanced classes: chance is 0.25
+    assert summary["test_acc"] > 0.6, summary["history"]
+    # the servable artifact predicts as the trained model, through the serving preprocessing
+    from PIL import Image
+    from jobs.artifact import load_artifact
+    from jobs.data import load_image_data
+    model, classes, preset, manifest = load_artifact(out / "model")
+    data = load_image_data("set", "cache", image_size=16)
+    assert classes == data.classes == sorted(["square", "hbar", "vbar", "cross"])  # ImageFolder: sorted
+    assert manifest["metrics"]["test_acc"] == summary["test_acc"]
+    pil = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in data.test_x[:64]]
+    served = torch.stack([preset.eval_transform()(im) for im in pil])
+    torch.testing.assert_close(served, data.test_x[:64].float() / 255)
+    with torch.no_grad():
+        acc = (model(served).argmax(1) == data.test_y[:64]).float().mean().item()
+    assert acc > 0.5
+    # the metric is over the whole test set (256 images), not one rank's half
+    assert summary["history"][-1]["test_acc"] * 256 == pytest.approx(round(summary["test_acc"] * 256))
+
+    # the same name with one more epoch resumes: the first three epochs are not run again
+    second = driver.fit("jobs.augment", Config(**tiny, epochs=4))
+    assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4]
+    assert second["history"][:3] == summary["history"]
 
 
 def test_more_workers_than_cpus_fails_fast(local_ray, tmp_path):
