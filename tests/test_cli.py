@@ -71,7 +71,7 @@ def test_more_workers_than_cpus_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_preview_writes_grid(tmp_path):
+def test_preview_writes_grid(tmp_path, run_main):
     from PIL import Image
     img = tmp_path / "img.png"
     Image.new("RGB", (40, 30), (200, 30, 30)).save(img)
@@ -79,8 +79,8 @@ def test_preview_writes_grid(tmp_path):
     r = run("jobs.preview", "--image", str(img), "--aug", "flip,color,crop", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size[0] > Image.open(out).size[1]  # 2 rows x 4 columns
-    r = run("jobs.preview", "--image", str(tmp_path / "missing.png"), "--out", str(out))
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    status, _, err = run_main("jobs.preview", "--image", str(tmp_path / "missing.png"), "--out", str(out))
+    assert status == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("module,config", [("jobs.augment", "jobs.augment:Config"),

@@ -183,13 +183,20 @@ def run_cli(*args):
 
 
 @pytest.mark.slow
-def test_cli_user_errors_are_one_line(tmp_path):
+def test_cli_user_errors_are_one_line(tmp_path, capsys):
     r = run_cli("--style", str(tmp_path / "missing.jpg"), "--data", "synthetic:8")
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
     assert "not found" in r.stderr
+    # the next in this process, through the same run_cli that python -m wires main into
+    from jobs import cli, fast_style
+
     (tmp_path / "s.png").write_bytes(image_bytes())
-    r = run_cli("--style", str(tmp_path / "s.png"), "--data", str(tmp_path / "nothing-here"), "--weights", "random")
-    assert r.returncode == 2 and "content images not found" in r.stderr
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_cli(fast_style.main, ["--style", str(tmp_path / "s.png"), "--data", str(tmp_path / "nothing-here"),
+                                      "--weights", "random"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # after --weights random's warning
+    assert exit_.value.code == 2 and len(errors) == 1 and "content images not found" in errors[0], err
 
 
 # ----------------------------------------------------------------------------- serving

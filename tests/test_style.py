@@ -372,17 +372,25 @@ def test_winograd_from_a_working_size_and_in_fp32_only(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_bad_input_one_line_exit_2(tmp_path):
+def test_cli_bad_input_one_line_exit_2(tmp_path, capsys):
+    from jobs.cli import run_cli
+    from jobs.style_cli import main
+
     make_image().save(tmp_path / "c.png")
+    common = ["--content", str(tmp_path / "c.png"), "--out", str(tmp_path / "o.png"), "--weights", "random",
+              "--size", "16", "16"]
+    # from the shell once (python -m jobs.style wires main into run_cli) ...
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for extra in (["--style", str(tmp_path / "nope.jpg")],
-                  ["--style", str(tmp_path / "c.png"), "--style-layers", "0", "99"]):
-        p = subprocess.run([sys.executable, "-m", "jobs.style", "--content", str(tmp_path / "c.png"), *extra,
-                            "--out", str(tmp_path / "o.png"), "--weights", "random", "--size", "16", "16"],
-                           capture_output=True, text=True, timeout=120, env=env)
-        assert p.returncode == 2, p.stderr
-        errs = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
-        assert len(errs) == 1 and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "jobs.style", *common, "--style", str(tmp_path / "nope.jpg")],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2, p.stderr
+    errs = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errs) == 1 and "Traceback" not in p.stderr
+    # ... then in this process, through the same run_cli
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main, [*common, "--style", str(tmp_path / "c.png"), "--style-layers", "0", "99"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1, err
 
 
 def test_cli_needs_one_output_mode(tmp_path):
