@@ -383,7 +383,7 @@ def test_a_job_whose_replica_dies_is_retried_then_marked_failed(client):
 @pytest.mark.slow
 def test_a_job_whose_replica_dies_once_is_retried_and_finishes(client):
     """The other half of the retry rule: one replica death mid-job costs the attempt, not the job."""
-    r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 400}))
+    r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 150}))
     job_id = r.json()["id"]
     job = wait_job(client, job_id, lambda j: j["status"] == "running" and j["progress"] is not None, timeout=90)
     name, actor = replica_actor("StylePool")
