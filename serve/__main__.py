@@ -79,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
+    if embedded and args.num_cpus is not None:
+        check_fits(cfg, args.num_cpus, float("inf"))  # the embedded Ray's CPUs are known: refuse before starting it
     extra = {}
-    if args.metrics_port is not None and not (args.address or os.environ.get("RAY_ADDRESS")):
+    if args.metrics_port is not None and embedded:
         extra["_metrics_export_port"] = args.metrics_port
     init_ray(args.address, num_cpus=args.num_cpus, include_dashboard=False, **extra)
     # a replica Ray cannot place never starts and its routes would wait: refuse here, in one line

@@ -328,6 +328,7 @@ def test_python_m_serve_refuses_deployments_that_do_not_fit_in_one_line(ops, tmp
                        capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: the deployments need 3 CPUs")
+    assert "Started a local Ray instance" not in r.stdout + r.stderr  # --num-cpus known: refused before Ray starts
 
 
 # ----------------------------------------------------------------------------- fuzz
