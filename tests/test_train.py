@@ -183,3 +183,33 @@ def test_more_workers_than_cpus_fails_fast(local_ray, tmp_path):
         driver.fit("jobs.augment", Config(**{**TINY, "num_workers": 8}, epochs=1, storage_path=str(tmp_path)))
     with pytest.raises(UserError, match="GPUs"):
         driver.check_resources(1, 1, use_gpu=True)
+
+
+def _evaluate_after_a_ddp_step(rank: int, world: int, store_path: str, out: str) -> None:
+    """One DDP training step on rank-specific data, then `loop.broadcast_buffers`: the BatchNorm
+    statistics each rank would evaluate with, saved as out.<rank>."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.zeros(2, 3, 6, 6))  # materialise the lazy layer before DDP
+    ddp = DistributedDataParallel(model)
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(100 + rank)) * (rank + 1)
+    ddp(x).sum().backward()
+    before = model[1].running_var.clone()
+    loop.broadcast_buffers(model)
+    torch.save({"before": before, "after": model[1].running_var.clone()}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_every_rank_evaluates_rank_zeros_batchnorm_statistics(tmp_path):
+    """After a DDP step each rank's BatchNorm statistics come from its own last batch; the loop
+    broadcasts rank 0's before evaluating, so the test accuracy is the saved (rank 0's) model's."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_evaluate_after_a_ddp_step, args=(2, str(tmp_path / "store"), str(tmp_path / "bn")), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"bn.{r}", weights_only=True) for r in (0, 1))
+    assert not torch.allclose(r0["before"], r1["before"])  # what evaluation saw before
+    assert torch.equal(r1["after"], r0["before"]) and torch.equal(r0["after"], r0["before"])
