@@ -56,9 +56,9 @@ def fit(job: str | ModuleType, cfg, max_failures: int = 3, callbacks: Iterable[A
     """Run job module `job` with config `cfg` on Ray Train; write and return `result.json`'s content.
 
     Re-running with the same storage_path and name resumes from the latest checkpoint; a run that
-    finished with the same config returns at once (`finished_run`). `callbacks` go to Ray Train's RunConfig (a Tune sweep passes `TuneReportCallback()` so that
-    every epoch's report reaches its scheduler).
-    """
+    finished with the same config returns at once (`finished_run`). `callbacks` go to Ray Train's
+    RunConfig (a Tune sweep passes `TuneReportCallback()` so that every epoch's report reaches its
+    scheduler)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -109,8 +109,8 @@ def finished_run(cfg) -> dict[str, Any] | None:
     """result.json's content when the run `<storage_path>/<name>` already finished with exactly this
     config and its checkpoint is still the run's newest; its outputs are written again from that
     checkpoint, as `fit` would, without starting Ray Train (which would restore the checkpoint, find
-    nothing left to train and return it). None otherwise: any changed setting (more epochs, another
-    learning rate) trains from the newest checkpoint as before. Local storage only."""
+    nothing left to train and return it). None otherwise: a changed setting goes through Ray Train,
+    which resumes from the newest checkpoint (more epochs train on). Local storage only."""
     import json
 
     out = run_dir(cfg)
