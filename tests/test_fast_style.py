@@ -217,7 +217,7 @@ def server(trained):
         deadline = time.time() + 240
         while True:
             try:
-                if client.get("/healthz").status_code == 200:
+                if client.get("/readyz").status_code == 200:  # every replica warm, not only the ingress (/healthz)
                     break
             except httpx.TransportError:
                 pass

@@ -162,7 +162,7 @@ def server(tmp_path_factory):
         deadline = time.time() + 240  # replicas start in seconds, but the machine may be busy
         while True:
             try:
-                if client.get("/healthz").status_code == 200:
+                if client.get("/readyz").status_code == 200:  # every replica warm, not only the ingress (/healthz)
                     break
             except httpx.TransportError:
                 pass
