@@ -9,6 +9,7 @@ Runs live in `<storage_path>/<name>/`; re-running the same name resumes it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -59,14 +60,14 @@ def fit(job: str | ModuleType, cfg, max_failures: int = 3, callbacks: Iterable[A
     finished with the same config returns at once (`finished_run`). `callbacks` go to Ray Train's
     RunConfig (a Tune sweep passes `TuneReportCallback()` so that every epoch's report reaches its
     scheduler)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     out = check_storage(cfg)
     callbacks = list(callbacks)
     done = None if callbacks else finished_run(cfg)  # a sweep's trials report every epoch to Tune: always run
     if done is not None:
         return done
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
     check_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu)
     if hasattr(cfg, "data_mode"):
         from jobs.stream import check_decode_cpus
@@ -111,8 +112,6 @@ def finished_run(cfg) -> dict[str, Any] | None:
     checkpoint, as `fit` would, without starting Ray Train (which would restore the checkpoint, find
     nothing left to train and return it). None otherwise: a changed setting goes through Ray Train,
     which resumes from the newest checkpoint (more epochs train on). Local storage only."""
-    import json
-
     out = run_dir(cfg)
     if is_uri(out):
         return None
