@@ -6,7 +6,10 @@ One run starts, side by side on one machine:
   - "serve-batched":   the real service (serve.app:build_app, style pool off), @serve.batch up to 16;
   - "serve-unbatched": the same with max_batch_size 1 (both at --precision, default the service's auto);
   - "plain-fastapi":   what a user would otherwise write: one uvicorn process, FastAPI, the same
-                       artifact and eval transform, one forward per request (see `plain_app`).
+                       artifact and eval transform, one forward per request (see `plain_app`);
+  - with --malloc-ablation also each of the three with the other choice of malloc settings
+    (jobs.hostmem: the batching app has them by default, the unbatched one and the plain server not):
+    "serve-batched-default-malloc", "serve-unbatched-keep-freed-memory", "plain-fastapi-keep-freed-memory".
 Each gets the same model (ResNet-18 at 224x224 by default, random weights: speed only) and
 the same JPEG. For concurrency 1, 8, 32 a closed loop of C clients sends requests back to
 back, bounded by --requests-per-client and --max-seconds; the cells are interleaved and
@@ -30,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from jobs import hostmem  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the plain server
@@ -151,7 +156,7 @@ def make_inputs(tmp: Path, arch: str, crop: int, image: str | None) -> tuple[Pat
     return art, body
 
 
-def measure(args, artifact: Path, body: bytes, plain_port: int):
+def measure(args, artifact: Path, body: bytes, plain_ports: dict[str, int]):
     """Start both Serve apps, wait for all three servers, run the interleaved cells and the overload."""
     import httpx
     import ray
@@ -162,7 +167,7 @@ def measure(args, artifact: Path, body: bytes, plain_port: int):
     # logical CPUs: each classifier replica reserves `threads` of them; only one server is loaded at a time
     for attempt in range(3):  # a raylet start can time out on a heavily loaded machine: try again
         try:
-            ray.init(num_cpus=2 * args.threads, include_dashboard=False, object_store_memory=256 * 1024**2,
+            ray.init(num_cpus=(4 if args.malloc_ablation else 2) * args.threads, include_dashboard=False, object_store_memory=256 * 1024**2,
                      log_to_driver=False)
             break
         except Exception as e:  # noqa: BLE001 - ray raises a bare Exception for this
@@ -173,24 +178,35 @@ def measure(args, artifact: Path, body: bytes, plain_port: int):
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     common = dict(classifier=str(artifact), style=False, classifier_cpus=args.threads, classifier_max_ongoing=32,
                   classifier_max_queued=64, batch_wait_timeout_s=0.01, classifier_precision=args.precision)
-    serve.run(build_app({**common, "max_batch_size": args.max_batch_size}), name="batched", route_prefix="/batched")
-    serve.run(build_app({**common, "max_batch_size": 1}), name="unbatched", route_prefix="/unbatched")
-    servers = {"serve-batched": f"http://127.0.0.1:{args.port}/batched/classify",
-               "serve-unbatched": f"http://127.0.0.1:{args.port}/unbatched/classify",
-               "plain-fastapi": f"http://127.0.0.1:{plain_port}/classify"}
-    wait_http(f"http://127.0.0.1:{args.port}/batched/healthz")
-    wait_http(f"http://127.0.0.1:{args.port}/unbatched/healthz")
+    apps = {"batched": args.max_batch_size, "unbatched": 1}
+    for name, batch in apps.items():
+        serve.run(build_app({**common, "max_batch_size": batch}), name=name, route_prefix=f"/{name}")
+    names = list(apps)
+    if args.malloc_ablation:  # each app with the other choice of malloc settings for its replicas (jobs.hostmem)
+        for name, batch in apps.items():
+            keep = not hostmem.runtime_env(batch > 1)  # the other one
+            names.append(f"{name}-{'keep-freed-memory' if keep else 'default-malloc'}")
+            os.environ[hostmem.SWITCH] = "1" if keep else "0"
+            try:
+                serve.run(build_app({**common, "max_batch_size": batch}), name=names[-1], route_prefix=f"/{names[-1]}")
+            finally:
+                del os.environ[hostmem.SWITCH]
+    servers = {f"serve-{name}": f"http://127.0.0.1:{args.port}/{name}/classify" for name in names}
+    servers.update({name: f"http://127.0.0.1:{port}/classify" for name, port in plain_ports.items()})
+    for name in names:
+        wait_http(f"http://127.0.0.1:{args.port}/{name}/healthz")
 
     deadline = time.time() + 300
-    while True:  # the plain server has no health route: wait for a real answer
-        try:
-            if httpx.post(servers["plain-fastapi"], content=body, timeout=30).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            raise SystemExit("plain server did not start")
-        time.sleep(0.5)
+    for name in plain_ports:
+        while True:  # the plain server has no health route: wait for a real answer
+            try:
+                if httpx.post(servers[name], content=body, timeout=30).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise SystemExit(f"{name} server did not start")
+            time.sleep(0.5)
 
     levels = [int(c) for c in args.concurrency.split(",")]
     cells: dict[str, dict[int, list[dict]]] = {s: {c: [] for c in levels} for s in servers}
@@ -229,7 +245,10 @@ def main(argv=None) -> int:
                         "bfloat16); the plain server stays fp32, as a user's own server would")
     p.add_argument("--max-batch-size", type=int, default=16, help="batched service: @serve.batch size")
     p.add_argument("--overload-seconds", type=float, default=30.0, help="duration of the 2x overload run (0: skip)")
-    p.add_argument("--port", type=int, default=18050, help="Serve HTTP port; the plain server uses port + 1")
+    p.add_argument("--malloc-ablation", action="store_true",
+                   help="also measure both Serve apps with glibc's default malloc in their replicas, and the plain "
+                        "server with the replicas' malloc settings (jobs.hostmem), interleaved with the rest")
+    p.add_argument("--port", type=int, default=18050, help="Serve HTTP port; the plain servers use port + 1 and + 2")
     p.add_argument("--out", default="results/serve_bench.json", help="where to write all figures")
     p.add_argument("--plain-server", metavar="ARTIFACT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -245,14 +264,19 @@ def main(argv=None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     artifact, body = make_inputs(tmp, args.arch, args.crop, args.image)
-    plain_port = args.port + 1
-    plain = subprocess.Popen([sys.executable, __file__, "--plain-server", str(artifact), "--port", str(plain_port),
-                              "--threads", str(args.threads)], cwd=ROOT, stdout=subprocess.DEVNULL)
+    plain_ports = {"plain-fastapi": args.port + 1}
+    if args.malloc_ablation:  # and the plain server with the settings the Serve replicas get
+        plain_ports["plain-fastapi-keep-freed-memory"] = args.port + 2
+    plains = [subprocess.Popen([sys.executable, __file__, "--plain-server", str(artifact), "--port", str(port),
+                                "--threads", str(args.threads)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               env={**os.environ, **(hostmem.ENV if name.endswith("keep-freed-memory") else {})})
+              for name, port in plain_ports.items()]
     try:
-        cells, overload, levels, servers = measure(args, artifact, body, plain_port)
+        cells, overload, levels, servers = measure(args, artifact, body, plain_ports)
     finally:
-        plain.terminate()
-        plain.wait(timeout=30)
+        for plain in plains:
+            plain.terminate()
+            plain.wait(timeout=30)
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
@@ -271,6 +295,13 @@ def main(argv=None) -> int:
     for c in levels:
         print(f"batched / unbatched at c={c}: {summary['serve-batched'][c]['rps'] / summary['serve-unbatched'][c]['rps']:.2f}x;"
               f" batched / plain: {summary['serve-batched'][c]['rps'] / summary['plain-fastapi'][c]['rps']:.2f}x")
+        if args.malloc_ablation:
+            rps = {name: summary[name][c]["rps"] for name in servers}
+            print("  the malloc settings (jobs.hostmem) in the replicas, with / without: batched "
+                  f"{rps['serve-batched'] / rps['serve-batched-default-malloc']:.2f}x, unbatched "
+                  f"{rps['serve-unbatched-keep-freed-memory'] / rps['serve-unbatched']:.2f}x, plain "
+                  f"{rps['plain-fastapi-keep-freed-memory'] / rps['plain-fastapi']:.2f}x; batched / unbatched, both "
+                  f"without: {rps['serve-batched-default-malloc'] / rps['serve-unbatched']:.2f}x")
     print("non-200 answers in the measured cells:", errors)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from jobs import hostmem
 from jobs.cli import UserError
 from serve.body_limit import BodyLimit
 from serve.classifier import ClassifierDeployment
@@ -324,7 +325,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         num_replicas=cfg.classifier_replicas,
         max_ongoing_requests=max(cfg.classifier_max_ongoing, cfg.max_batch_size),  # else batches never fill
         max_queued_requests=cfg.classifier_max_queued,
-        ray_actor_options=resources(cfg.classifier_cpus, cfg.classifier_gpus),
+        ray_actor_options=resources(cfg.classifier_cpus, cfg.classifier_gpus, large_maps=cfg.max_batch_size > 1),
         # the artifact and batching live in user_config: a config that changes only them (serve deploy
         # with a `deployments:` override) reconfigures the running replicas, no restart
         user_config={"artifact": os.path.abspath(cfg.classifier), **knobs},
@@ -338,7 +339,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
             scaling = {"num_replicas": cfg.style_replicas}
         style = StylePool.options(
             **scaling, max_ongoing_requests=1, max_queued_requests=cfg.style_max_queued,
-            ray_actor_options=resources(cfg.style_cpus, cfg.style_gpus),
+            ray_actor_options=resources(cfg.style_cpus, cfg.style_gpus, large_maps=True),
         ).bind(weights=cfg.style_weights, device=cfg.style_device, threads=max(1, round(cfg.style_cpus)),
                store=cfg.store_args(), job_max_s=cfg.style_job_max_s, lease_s=cfg.job_lease_s,
                store_timeout_s=cfg.store_timeout_s)
@@ -347,7 +348,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         fast = FastStylePool.options(
             num_replicas=cfg.fast_style_replicas, max_ongoing_requests=cfg.fast_style_max_ongoing,
             max_queued_requests=cfg.fast_style_max_queued,
-            ray_actor_options=resources(cfg.fast_style_cpus, cfg.fast_style_gpus),
+            ray_actor_options=resources(cfg.fast_style_cpus, cfg.fast_style_gpus, large_maps=True),
         ).bind(registry=os.path.abspath(cfg.fast_styles), threads=max(1, round(cfg.fast_style_cpus)),
                use_gpu=cfg.fast_style_gpus > 0, max_side=cfg.fast_style_max_side, max_pixels=cfg.max_pixels,
                precision=cfg.fast_style_precision)
@@ -355,6 +356,29 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
                            ).bind(classifier, style, dataclasses.asdict(cfg), fast)
 
 
-def resources(cpus: float, gpus: float = 0.0) -> dict:
-    """Ray actor options for a replica: its CPUs, and GPUs only when asked for."""
-    return {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}
+def resources(cpus: float, gpus: float = 0.0, large_maps: bool = False) -> dict:
+    """Ray actor options for a replica: its CPUs, GPUs only when asked for, and for replicas whose models
+    compute large maps (a batch of images, a 512 px style forward) malloc settings that keep freed tensor
+    memory for the next forward (`jobs.hostmem`: the classifier's batch of 16 page-faulted ~37,000 times a
+    call without them). Set at process start: a batch size changed later by user_config keeps them as
+    they were. Serve merges these env_vars with an application's own runtime_env."""
+    options = {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}
+    if env := hostmem.runtime_env(large_maps):
+        options["runtime_env"] = with_application_runtime_env(env)
+    return options
+
+
+def with_application_runtime_env(env: dict) -> dict:
+    """`env` on top of the application's runtime_env, which this builder runs with (Serve builds an app in
+    a task with it; `python -m serve` builds it in the driver, with the job's).
+
+    A deployment that sets its own runtime_env gets only the application's working_dir from Serve when
+    the app is built, but the application's whole runtime_env merged in (env_vars combined, the rest
+    inherited) when a config overrides the deployment, e.g. a `user_config` change: two different
+    actor options, so Serve would restart the replica instead of reconfiguring it, and the replica
+    would miss the application's env_vars. Merged here the same way (the application's keys first,
+    then ours), both paths give the same options."""
+    import ray
+
+    app = dict(ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}
+    return {**app, **env, "env_vars": {**app.get("env_vars", {}), **env.get("env_vars", {})}}
