@@ -157,7 +157,7 @@ def make_inputs(tmp: Path, arch: str, crop: int, image: str | None) -> tuple[Pat
 
 
 def measure(args, artifact: Path, body: bytes, plain_ports: dict[str, int]):
-    """Start both Serve apps, wait for all three servers, run the interleaved cells and the overload."""
+    """Start the Serve apps, wait for every server, run the interleaved cells and the overload."""
     import httpx
     import ray
     from ray import serve
@@ -246,8 +246,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch-size", type=int, default=16, help="batched service: @serve.batch size")
     p.add_argument("--overload-seconds", type=float, default=30.0, help="duration of the 2x overload run (0: skip)")
     p.add_argument("--malloc-ablation", action="store_true",
-                   help="also measure both Serve apps with glibc's default malloc in their replicas, and the plain "
-                        "server with the replicas' malloc settings (jobs.hostmem), interleaved with the rest")
+                   help="also measure each server with the other choice of malloc settings (jobs.hostmem): the "
+                        "batched app without them, the unbatched app and the plain server with them; interleaved")
     p.add_argument("--port", type=int, default=18050, help="Serve HTTP port; the plain servers use port + 1 and + 2")
     p.add_argument("--out", default="results/serve_bench.json", help="where to write all figures")
     p.add_argument("--plain-server", metavar="ARTIFACT", help=argparse.SUPPRESS)
