@@ -8,8 +8,8 @@ One run starts, side by side on one machine:
   - "plain-fastapi":   what a user would otherwise write: one uvicorn process, FastAPI, the same
                        artifact and eval transform, one forward per request (see `plain_app`);
   - with --malloc-ablation also each of the three with the other choice of malloc settings
-    (jobs.hostmem: the batching app has them by default, the unbatched one and the plain server not):
-    "serve-batched-default-malloc", "serve-unbatched-keep-freed-memory", "plain-fastapi-keep-freed-memory".
+    (jobs.hostmem, opt-in: RAYCV_KEEP_FREED_MEMORY=1 gives them to the batching app), e.g.
+    "serve-batched-keep-freed-memory", "serve-unbatched-keep-freed-memory", "plain-fastapi-keep-freed-memory".
 Each gets the same model (ResNet-18 at 224x224 by default, random weights: speed only) and
 the same JPEG. For concurrency 1, 8, 32 a closed loop of C clients sends requests back to
 back, bounded by --requests-per-client and --max-seconds; the cells are interleaved and
@@ -184,9 +184,9 @@ def measure(args, artifact: Path, body: bytes, plain_ports: dict[str, int]):
     names = list(apps)
     if args.malloc_ablation:  # each app with the other choice of malloc settings for its replicas (jobs.hostmem)
         for name, batch in apps.items():
-            keep = not hostmem.runtime_env(batch > 1)  # the other one
+            keep = not hostmem.runtime_env(batch > 1)  # the other one (forced, for the unbatched app)
             names.append(f"{name}-{'keep-freed-memory' if keep else 'default-malloc'}")
-            os.environ[hostmem.SWITCH] = "1" if keep else "0"
+            os.environ[hostmem.SWITCH] = "force" if keep else "0"
             try:
                 serve.run(build_app({**common, "max_batch_size": batch}), name=names[-1], route_prefix=f"/{names[-1]}")
             finally:
@@ -246,8 +246,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch-size", type=int, default=16, help="batched service: @serve.batch size")
     p.add_argument("--overload-seconds", type=float, default=30.0, help="duration of the 2x overload run (0: skip)")
     p.add_argument("--malloc-ablation", action="store_true",
-                   help="also measure each server with the other choice of malloc settings (jobs.hostmem): the "
-                        "batched app without them, the unbatched app and the plain server with them; interleaved")
+                   help="also measure each server with the other choice of malloc settings (jobs.hostmem, opt-in "
+                        "by RAYCV_KEEP_FREED_MEMORY=1), interleaved with the rest")
     p.add_argument("--port", type=int, default=18050, help="Serve HTTP port; the plain servers use port + 1 and + 2")
     p.add_argument("--out", default="results/serve_bench.json", help="where to write all figures")
     p.add_argument("--plain-server", metavar="ARTIFACT", help=argparse.SUPPRESS)
@@ -297,11 +297,12 @@ def main(argv=None) -> int:
               f" batched / plain: {summary['serve-batched'][c]['rps'] / summary['plain-fastapi'][c]['rps']:.2f}x")
         if args.malloc_ablation:
             rps = {name: summary[name][c]["rps"] for name in servers}
-            print("  the malloc settings (jobs.hostmem) in the replicas, with / without: batched "
-                  f"{rps['serve-batched'] / rps['serve-batched-default-malloc']:.2f}x, unbatched "
-                  f"{rps['serve-unbatched-keep-freed-memory'] / rps['serve-unbatched']:.2f}x, plain "
-                  f"{rps['plain-fastapi-keep-freed-memory'] / rps['plain-fastapi']:.2f}x; batched / unbatched, both "
-                  f"without: {rps['serve-batched-default-malloc'] / rps['serve-unbatched']:.2f}x")
+            def ratio(server):  # with the settings / without, whichever of the pair has them
+                other = next(k for k in rps if k.startswith(server + "-"))
+                return rps[server] / rps[other] if other.endswith("default-malloc") else rps[other] / rps[server]
+            print("  the malloc settings (jobs.hostmem), with / without: batched "
+                  f"{ratio('serve-batched'):.2f}x, unbatched {ratio('serve-unbatched'):.2f}x, plain "
+                  f"{ratio('plain-fastapi'):.2f}x")
     print("non-200 answers in the measured cells:", errors)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

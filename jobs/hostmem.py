@@ -13,11 +13,13 @@ The settings: no mmap for large blocks (`MALLOC_MMAP_MAX_=0`), no trimming of th
 compute in threads, and a thread's arena unmaps its heaps when they empty whatever the trim
 threshold. The costs: memory (a process keeps its peak heap between calls: +27-172 MB for those
 workloads), and one arena shared by every thread, which made the unbatched classifier (single
-224 px images: small maps, nothing to gain) ~8% slower under 32 concurrent clients. So the replicas
-whose models compute large maps take them (the batching classifier, both style pools), a classifier
-deployed with batch size 1 does not. glibc reads them when a process starts, so a process that wants
-them gets `ENV` in its environment (`runtime_env()` for Ray). Other C libraries (musl, macOS) do not
-read these variables: nothing changes there.
+224 px images: small maps, nothing to gain) ~8% slower under 32 concurrent clients, and the
+service's hostile-input test (tests/test_serve_ops.py, fuzz: many small requests on every route)
+took 35-37 s instead of 20-22 s, its replicas' start-up ~9 s longer. So they are opt-in
+(RAYCV_KEEP_FREED_MEMORY=1), for a service whose load is batches or large images, and then only the
+replicas whose models compute large maps take them (the batching classifier, both style pools).
+glibc reads them when a process starts, so a process that wants them gets `ENV` in its environment
+(`runtime_env()` for Ray). Other C libraries (musl, macOS) do not read these variables.
 """
 from __future__ import annotations
 
@@ -47,11 +49,11 @@ def _glibc():
         return None
 
 
-def runtime_env(default: bool = True) -> dict:
-    """A Ray `runtime_env` whose processes start with the settings (Serve merges it into an application's
-    own), or {} without glibc. `default`: whether the process's work gains from them (large maps; the
-    caller knows); RAYCV_KEEP_FREED_MEMORY=1 or 0 overrides it (memory before speed, benchmarks' ablations)."""
-    wanted = os.environ.get(SWITCH, "")
-    if not _glibc() or not (wanted == "1" or (default and wanted != "0")):
+def runtime_env(large_maps: bool = True) -> dict:
+    """A Ray `runtime_env` whose processes start with the settings, or {}: opt-in, by
+    RAYCV_KEEP_FREED_MEMORY=1 (for processes whose work has large maps: `large_maps`, the caller knows)
+    or =force (for every process asked; benchmarks' ablations); {} without glibc."""
+    wanted = os.environ.get(SWITCH, "0")
+    if not _glibc() or not (wanted == "force" or (wanted == "1" and large_maps)):
         return {}
     return {"env_vars": dict(ENV)}

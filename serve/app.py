@@ -357,11 +357,11 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 
 
 def resources(cpus: float, gpus: float = 0.0, large_maps: bool = False) -> dict:
-    """Ray actor options for a replica: its CPUs, GPUs only when asked for, and for replicas whose models
-    compute large maps (a batch of images, a 512 px style forward) malloc settings that keep freed tensor
-    memory for the next forward (`jobs.hostmem`: the classifier's batch of 16 page-faulted ~37,000 times a
-    call without them). Set at process start: a batch size changed later by user_config keeps them as
-    they were. Serve merges these env_vars with an application's own runtime_env."""
+    """Ray actor options for a replica: its CPUs, GPUs only when asked for, and where RAYCV_KEEP_FREED_MEMORY=1
+    (opt-in) for replicas whose models compute large maps (a batch of images, a 512 px style forward)
+    malloc settings that keep freed tensor memory for the next forward (`jobs.hostmem`: the classifier's
+    batch of 16 page-faulted ~37,000 times a call without them). Set at process start: a batch size
+    changed later by user_config keeps them as they were."""
     options = {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}
     if env := hostmem.runtime_env(large_maps):
         options["runtime_env"] = with_application_runtime_env(env)

@@ -38,16 +38,17 @@ def test_the_settings_stop_fresh_page_faults_for_large_tensors_in_threads():
     assert faults_per_tensor(hostmem.ENV) < 100  # none, measured
 
 
-def test_replicas_with_large_maps_start_with_the_settings_others_without(monkeypatch):
+def test_the_settings_are_opt_in_and_then_only_for_replicas_with_large_maps(monkeypatch):
     from serve.app import resources
 
     glibc = hostmem._glibc() is not None
-    assert resources(1, large_maps=True).get("runtime_env", {}).get("env_vars") == (hostmem.ENV if glibc else None)
-    assert resources(0.5) == {"num_cpus": 0.5}
-    assert resources(1, 1, large_maps=True)["num_gpus"] == 1
-    monkeypatch.setenv(hostmem.SWITCH, "0")  # memory before speed
-    assert "runtime_env" not in resources(1, large_maps=True)
+    monkeypatch.delenv(hostmem.SWITCH, raising=False)
+    assert resources(1, large_maps=True) == {"num_cpus": 1}
+    assert resources(1, 1, large_maps=True) == {"num_cpus": 1, "num_gpus": 1}
     monkeypatch.setenv(hostmem.SWITCH, "1")
+    assert resources(1, large_maps=True).get("runtime_env", {}).get("env_vars") == (hostmem.ENV if glibc else None)
+    assert resources(0.5) == {"num_cpus": 0.5}  # the ingress, an unbatched classifier
+    monkeypatch.setenv(hostmem.SWITCH, "force")
     assert ("runtime_env" in resources(1)) == glibc
 
 
