@@ -189,6 +189,16 @@ def wait_job(client, job_id, until, timeout=60):
     raise AssertionError(f"job {job_id} never reached the expected state: {job}")
 
 
+def submit_job(client, options, timeout=90):
+    """POST /style/jobs as a client should after a replica died: retry a 503 (+ Retry-After) until the
+    replacement replica runs (the ingress's view of the replicas can lag the kill by a refresh)."""
+    deadline = time.time() + timeout
+    while (r := client.post("/style/jobs", **style_files(options))).status_code == 503:
+        assert r.headers["retry-after"] and time.time() < deadline, r.text
+        time.sleep(0.5)
+    return r
+
+
 def style_files(options=None, content=None, style=None):
     files = {"content": ("c.png", content or png((200, 40, 40), noise=1), "image/png"),
              "style": ("s.png", style or png((40, 40, 200), noise=2), "image/png")}
@@ -373,17 +383,14 @@ def test_a_job_whose_replica_dies_is_retried_then_marked_failed(client):
     job = wait_job(client, job_id, lambda j: j["status"] == "failed", timeout=30)
     assert "gave up after 2 attempt" in job["error"]
     # the replacement replica serves new jobs (503 + Retry-After at once until it runs)
-    deadline = time.time() + 90
-    while (r := client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 3}))).status_code == 503:
-        assert r.headers["retry-after"] and time.time() < deadline
-        time.sleep(0.5)
+    r = submit_job(client, {"size": [16, 16], "steps": 3})
     assert wait_job(client, r.json()["id"], lambda j: j["status"] in ("done", "failed"), 90)["status"] == "done"
 
 
 @pytest.mark.slow
 def test_a_job_whose_replica_dies_once_is_retried_and_finishes(client):
     """The other half of the retry rule: one replica death mid-job costs the attempt, not the job."""
-    r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 150}))
+    r = submit_job(client, {"size": [16, 16], "steps": 150})  # the test before killed a replica
     job_id = r.json()["id"]
     job = wait_job(client, job_id, lambda j: j["status"] == "running" and j["progress"] is not None, timeout=90)
     name, actor = replica_actor("StylePool")
@@ -400,7 +407,7 @@ def test_a_job_whose_replica_dies_once_is_retried_and_finishes(client):
 def test_cancelled_queued_jobs_leave_the_pool_queue(client):
     """A submit-then-DELETE loop (3x style_max_queued) behind a running job: each cancelled job's request
     is withdrawn from the StylePool router, so its max_queued_requests never fills for the next job."""
-    r = client.post("/style/jobs", **style_files({"size": [16, 16], "steps": 5000}))
+    r = submit_job(client, {"size": [16, 16], "steps": 5000})  # the tests before killed replicas
     busy = r.json()["id"]
     try:
         wait_job(client, busy, lambda j: j["status"] == "running")
