@@ -90,6 +90,9 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=16, help="calls per process (Gatys: 6 runs of 8 steps)")
     p.add_argument("--out", default="results/malloc_probe.json", help="results JSON")
     args = p.parse_args(argv)
+    unknown = set(args.workloads.split(",")) - set(WORKLOADS)
+    if unknown:
+        raise SystemExit(f"error: unknown --workloads {', '.join(sorted(unknown))} (choose from {', '.join(WORKLOADS)})")
     if hostmem._glibc() is None:
         raise SystemExit("error: the settings are glibc's: nothing to measure with this C library")
     from jobs.precision import cpu_features
